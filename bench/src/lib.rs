@@ -1,0 +1,1 @@
+//! Ferry bench (see its issue).

@@ -1,0 +1,1 @@
+//! Ferry ebpf (see its issue).

@@ -1,0 +1,1 @@
+//! Ferry node (see its issue).

@@ -1,0 +1,1 @@
+//! Ferry overlay (see its issue).

@@ -1,0 +1,1 @@
+//! Ferry proxy (see its issue).

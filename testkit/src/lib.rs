@@ -1,0 +1,1 @@
+//! Network-namespace topologies for tests and benchmarks.
