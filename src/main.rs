@@ -17,6 +17,8 @@ struct Cli {
 enum Command {
     /// Kubernetes-compatible API server with an embedded store.
     Controlplane(ferry_controlplane::ControlPlaneArgs),
+    /// Service proxy (kube-proxy replacement): nftables or iptables mode.
+    Proxy(ferry_proxy::ProxyArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,5 +32,6 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Controlplane(args) => runtime.block_on(ferry_controlplane::run(args)),
+        Command::Proxy(args) => runtime.block_on(ferry_proxy::run(args)),
     }
 }

@@ -13,6 +13,7 @@ pub mod defaults;
 pub mod patch;
 pub mod pki;
 pub mod printers;
+pub mod protobuf;
 pub mod registry;
 pub mod resources;
 pub mod schema;

@@ -197,17 +197,14 @@ pub fn json_merge_patch(target: &mut Value, patch: &Value) {
     if !target.is_object() {
         *target = Value::Object(Object::new());
     }
-    let Value::Object(target_fields) = target else {
-        return;
-    };
-    for (key, value) in patch_fields {
-        if value.is_null() {
-            target_fields.shift_remove(key);
-        } else {
-            json_merge_patch(
-                target_fields.entry(key.as_str()).or_insert(Value::Null),
-                value,
-            );
+    if let Value::Object(target_fields) = target {
+        for (key, value) in patch_fields {
+            if value.is_null() {
+                target_fields.shift_remove(key);
+            } else {
+                let slot = target_fields.entry(key.as_str()).or_insert(Value::Null);
+                json_merge_patch(slot, value);
+            }
         }
     }
 }
@@ -326,15 +323,14 @@ fn unescape_token(token: &str) -> Option<String> {
 
 /// Parses an array index token: decimal digits without leading zeros.
 fn parse_index(token: &str) -> Result<usize, JsonPatchFailure> {
-    let well_formed = !token.is_empty()
-        && token.bytes().all(|b| b.is_ascii_digit())
-        && (token == "0" || !token.starts_with('0'));
-    well_formed
-        .then(|| token.parse().ok())
-        .flatten()
-        .ok_or_else(|| JsonPatchFailure::InvalidIndex {
+    let well_formed =
+        token.bytes().all(|b| b.is_ascii_digit()) && (token == "0" || !token.starts_with('0'));
+    match token.parse() {
+        Ok(index) if well_formed => Ok(index),
+        _ => Err(JsonPatchFailure::InvalidIndex {
             token: token.to_string(),
-        })
+        }),
+    }
 }
 
 fn existing_index(token: &str, len: usize) -> Result<usize, JsonPatchFailure> {
@@ -417,36 +413,35 @@ fn remove_value(document: &mut Value, tokens: &[String]) -> Result<Value, JsonPa
     }
 }
 
-/// Parses a `from` pointer and runs `read` on it, blaming failures on `from`.
-fn with_from<T>(
-    from: &str,
-    read: impl FnOnce(&[String]) -> Result<T, JsonPatchFailure>,
-) -> Result<T, JsonPatchFailure> {
-    parse_pointer(from)
-        .and_then(|tokens| read(&tokens))
-        .map_err(|reason| JsonPatchFailure::InvalidFrom {
-            from: from.to_string(),
-            reason: Box::new(reason),
-        })
+/// Attributes a failure to the operation's `from` pointer.
+fn blame_from(from: &str, reason: JsonPatchFailure) -> JsonPatchFailure {
+    JsonPatchFailure::InvalidFrom {
+        from: from.to_string(),
+        reason: Box::new(reason),
+    }
 }
 
 fn move_value(document: &mut Value, from: &str, target: &[String]) -> Result<(), JsonPatchFailure> {
-    let source = with_from(from, |tokens| Ok(tokens.to_vec()))?;
+    let source = parse_pointer(from).map_err(|reason| blame_from(from, reason))?;
     if source.as_slice() == target {
-        // Moving a value onto itself is a no-op, but the value must exist.
-        return with_from(from, |tokens| lookup(document, tokens).map(drop));
+        // Moving a value onto itself changes nothing, but the value must exist.
+        return lookup(document, &source)
+            .map(drop)
+            .map_err(|reason| blame_from(from, reason));
     }
     if target.starts_with(&source) {
         return Err(JsonPatchFailure::MoveIntoChild {
             from: from.to_string(),
         });
     }
-    let value = with_from(from, |tokens| remove_value(document, tokens))?;
+    let value = remove_value(document, &source).map_err(|reason| blame_from(from, reason))?;
     add_value(document, target, value)
 }
 
 fn copy_value(document: &mut Value, from: &str, target: &[String]) -> Result<(), JsonPatchFailure> {
-    let value = with_from(from, |tokens| lookup(document, tokens).cloned())?;
+    let value = parse_pointer(from)
+        .and_then(|source| lookup(document, &source).cloned())
+        .map_err(|reason| blame_from(from, reason))?;
     add_value(document, target, value)
 }
 
@@ -819,10 +814,20 @@ fn identity<'v>(
 ) -> Result<&'v Value, PatchError> {
     match key {
         None => Ok(item),
-        Some(key) => item
-            .get(key)
-            .ok_or_else(|| path.error(StrategicMergeFailure::MissingMergeKey(key.to_string()))),
+        Some(key) => item.get(key).ok_or_else(|| missing_merge_key(path, key)),
     }
+}
+
+fn merge_key_value<'v>(
+    path: &FieldPath,
+    fields: &'v Object,
+    key: &str,
+) -> Result<&'v Value, PatchError> {
+    fields.get(key).ok_or_else(|| missing_merge_key(path, key))
+}
+
+fn missing_merge_key(path: &FieldPath, key: &str) -> PatchError {
+    path.error(StrategicMergeFailure::MissingMergeKey(key.to_string()))
 }
 
 fn identities(
@@ -878,14 +883,24 @@ fn order_merged_list(
     let mut ordered = Vec::with_capacity(from_patch.len() + server_only.len());
     let mut server_only = server_only.into_iter().peekable();
     for patch_item in from_patch {
-        let goes_first = |server_item: &RankedItem| matches!((server_item.server_rank, patch_item.server_rank), (Some(s), Some(p)) if s < p);
-        while let Some(server_item) = server_only.next_if(goes_first) {
+        while let Some(server_item) =
+            server_only.next_if(|server_item| precedes_in_live_list(server_item, &patch_item))
+        {
             ordered.push(server_item.item);
         }
         ordered.push(patch_item.item);
     }
     ordered.extend(server_only.map(|ranked| ranked.item));
     Ok(ordered)
+}
+
+/// kube's tie-break between a server-only element and a patch element: the
+/// server-only one goes first only if both are in the live list, it earlier.
+fn precedes_in_live_list(server_item: &RankedItem, patch_item: &RankedItem) -> bool {
+    matches!(
+        (server_item.server_rank, patch_item.server_rank),
+        (Some(server), Some(patch)) if server < patch
+    )
 }
 
 /// Applies a strategic merge patch for one object kind.
@@ -912,6 +927,8 @@ impl StrategicMerger<'_> {
             }
             // The map becomes exactly the patch, directives inside it resolved.
             Some(Directive::Replace) => target.clear(),
+            // kube rejects an explicit `$patch: merge`; it names the default, so
+            // it is accepted here (in list elements too).
             Some(Directive::Merge) | None => {}
         }
         reject_unknown_directives(path, patch)?;
@@ -991,7 +1008,7 @@ impl StrategicMerger<'_> {
     ) -> Result<Vec<Value>, PatchError> {
         match self.list_strategy(path) {
             ListStrategy::Atomic => self.fresh_items(path, patch),
-            strategy => self.merge_merge_list(path, original, patch, strategy.merge_key()),
+            strategy => self.merge_with_merge_strategy(path, original, patch, strategy.merge_key()),
         }
     }
 
@@ -1004,7 +1021,7 @@ impl StrategicMerger<'_> {
     }
 
     /// Merges a list whose field has `patchStrategy:"merge"`.
-    fn merge_merge_list(
+    fn merge_with_merge_strategy(
         &self,
         path: &FieldPath,
         original: Vec<Value>,
@@ -1042,11 +1059,11 @@ impl StrategicMerger<'_> {
             };
             match patch_directive(&item_path, fields)? {
                 Some(Directive::Delete) => {
-                    let id = identity(&item_path, item, Some(key))?;
+                    let id = merge_key_value(&item_path, fields, key)?;
                     live.retain(|existing| existing.get(key) != Some(id));
                 }
                 Some(Directive::Replace) => replace = true,
-                Some(Directive::Merge) | None => updates.push((item_path, item)),
+                Some(Directive::Merge) | None => updates.push((item_path, fields)),
             }
         }
         if replace {
@@ -1055,18 +1072,16 @@ impl StrategicMerger<'_> {
 
         let server_order = identities(path, &live, Some(key))?;
         let mut patch_order = Vec::with_capacity(updates.len());
-        for (item_path, item) in updates {
-            let id = identity(&item_path, item, Some(key))?;
+        for (item_path, fields) in updates {
+            let id = merge_key_value(&item_path, fields, key)?;
             patch_order.push(id.clone());
             let matching = live.iter_mut().find_map(|existing| match existing {
-                Value::Object(fields) if fields.get(key) == Some(id) => Some(fields),
+                Value::Object(existing) if existing.get(key) == Some(id) => Some(existing),
                 _ => None,
             });
-            match (matching, item) {
-                (Some(existing), Value::Object(fields)) => {
-                    self.merge_map(&item_path, existing, fields)?
-                }
-                _ => live.extend(self.fresh_value(&item_path, item)?),
+            match matching {
+                Some(existing) => self.merge_map(&item_path, existing, fields)?,
+                None => live.extend(self.fresh_map(&item_path, fields)?.map(Value::Object)),
             }
         }
         order_merged_list(path, live, &patch_order, &server_order, Some(key))
@@ -1105,9 +1120,12 @@ impl StrategicMerger<'_> {
             if let Some(items) = patch_list {
                 validate_element_order(&field_path, items, order, merge_key)?;
             }
-            let server_order = match &live {
-                Some(items) => identities(&field_path, items, merge_key)?,
-                None => Vec::new(),
+            let server_order = match (&live, patch_list) {
+                (Some(items), Some(patch_items)) => {
+                    element_order_server_order(&field_path, items, patch_items, merge_key)?
+                }
+                (Some(items), None) => identities(&field_path, items, merge_key)?,
+                (None, _) => Vec::new(),
             };
             let merged = match (live, patch_list) {
                 (Some(items), Some(patch_items)) => {
@@ -1127,6 +1145,56 @@ impl StrategicMerger<'_> {
         }
         Ok(ordered_fields)
     }
+}
+
+/// The live order kube compares server-only elements against when it applies
+/// `$setElementOrder` after merging a keyed list. kube reads it from the live
+/// slice after the merge has written into the same Go backing array: deletions
+/// shifted the survivors left, and the first new elements were appended into
+/// the slots the deletions freed. So a new element inherits a live position
+/// when the patch also deletes one. (This does not depend on slice capacity;
+/// for primitive lists it would, so they use the plain live order.)
+fn element_order_server_order(
+    path: &FieldPath,
+    live: &[Value],
+    patch_items: &[Value],
+    key: Option<&str>,
+) -> Result<Vec<Value>, PatchError> {
+    let mut order = identities(path, live, key)?;
+    let Some(key) = key.filter(|_| patch_items.iter().all(Value::is_object)) else {
+        return Ok(order);
+    };
+    let deleted: Vec<&Value> = patch_items
+        .iter()
+        .filter(|item| directive_name(item) == Some("delete"))
+        .filter_map(|item| item.get(key))
+        .collect();
+    order.retain(|id| !deleted.contains(&id));
+    if patch_items
+        .iter()
+        .any(|item| directive_name(item) == Some("replace"))
+    {
+        // The list became the patch elements: nothing was appended to the live slice.
+        return Ok(order);
+    }
+    let freed_slots = live.len() - order.len();
+    let updated_ids = patch_items
+        .iter()
+        .filter(|item| matches!(directive_name(item), None | Some("merge")))
+        .filter_map(|item| item.get(key));
+    let mut appended = Vec::new();
+    for id in updated_ids {
+        if !order.contains(id) && !appended.contains(id) {
+            appended.push(id.clone());
+        }
+    }
+    order.extend(appended.into_iter().take(freed_slots));
+    Ok(order)
+}
+
+/// The `$patch` value of a list element, if it has one.
+fn directive_name(item: &Value) -> Option<&str> {
+    item.get(PATCH_DIRECTIVE).and_then(Value::as_str)
 }
 
 /// Merges a list of primitives as a set; order as for every merge list.
@@ -1228,16 +1296,14 @@ fn validate_element_order(
     order: &[Value],
     key: Option<&str>,
 ) -> Result<(), PatchError> {
-    let is_deletion = |item: &&Value| {
-        key.is_some() && item.get(PATCH_DIRECTIVE).and_then(Value::as_str) == Some("delete")
-    };
+    let is_deletion = |item: &&Value| key.is_some() && directive_name(item) == Some("delete");
+    if order.is_empty() {
+        return Ok(());
+    }
     let candidates: Vec<&Value> = patch_items
         .iter()
         .filter(|item| !is_deletion(item))
         .collect();
-    if order.is_empty() {
-        return Ok(());
-    }
     let (mut next_patch, mut next_order) = (0, 0);
     while next_patch < candidates.len() && next_order < order.len() {
         let item = candidates[next_patch];
@@ -1873,6 +1939,70 @@ mod tests {
     }
 
     #[test]
+    fn smp_server_only_elements_interleave_by_live_order() {
+        let target = deployment(json!([{"name": "app", "env": [
+            {"name": "A", "value": "1"},
+            {"name": "B", "value": "2"},
+            {"name": "C", "value": "3"},
+        ]}]));
+        let patched = smp(
+            "Deployment",
+            target,
+            json!({"spec": {"template": {"spec": {"containers": [{"name": "app", "env": [
+                {"name": "D", "value": "4"},
+                {"name": "A", "value": "x"},
+            ]}]}}}}),
+        );
+        assert_eq!(
+            names(&patched["spec"]["template"]["spec"]["containers"][0]["env"]),
+            ["D", "A", "B", "C"]
+        );
+    }
+
+    #[test]
+    fn smp_empty_patch_list_leaves_a_merge_list_alone() {
+        let target = json!({"spec": {
+            "volumes": [{"name": "v", "emptyDir": {}}],
+            "tolerations": [{"key": "a", "operator": "Exists"}],
+        }});
+        let patched = smp(
+            "Pod",
+            target,
+            json!({"spec": {"volumes": [], "tolerations": []}}),
+        );
+        assert_eq!(
+            patched["spec"]["volumes"],
+            json!([{"name": "v", "emptyDir": {}}])
+        );
+        assert_eq!(patched["spec"]["tolerations"], json!([]));
+    }
+
+    #[test]
+    fn smp_retain_keys_switches_a_volume_source() {
+        // kubectl apply after changing a volume from emptyDir to hostPath.
+        let target = json!({"spec": {"volumes": [
+            {"name": "cache", "emptyDir": {}},
+            {"name": "data", "emptyDir": {"medium": "Memory"}},
+        ]}});
+        let patched = smp(
+            "Pod",
+            target,
+            json!({"spec": {
+                "$setElementOrder/volumes": [{"name": "cache"}, {"name": "data"}],
+                "volumes": [{
+                    "$retainKeys": ["hostPath", "name"],
+                    "hostPath": {"path": "/data"},
+                    "name": "data",
+                }],
+            }}),
+        );
+        assert_eq!(
+            patched["spec"]["volumes"],
+            json!([{"name": "cache", "emptyDir": {}}, {"name": "data", "hostPath": {"path": "/data"}}])
+        );
+    }
+
+    #[test]
     fn smp_set_element_order_with_deleted_container() {
         let target = deployment(json!([
             {"name": "init-proxy", "image": "p:1"},
@@ -1908,6 +2038,37 @@ mod tests {
         assert_eq!(
             names(&patched["spec"]["template"]["spec"]["containers"]),
             ["a", "injected", "b", "c"]
+        );
+    }
+
+    #[test]
+    fn smp_set_element_order_with_rename_places_elements_like_kube() {
+        // F and G exist only on the server. D is deleted and A added in the same
+        // patch; kube then ranks A at D's old live position, so F precedes it.
+        let env = |names: &[&str]| -> Value {
+            names
+                .iter()
+                .map(|name| json!({"name": name, "value": "live"}))
+                .collect()
+        };
+        let target = deployment(json!([{"name": "app", "env": env(&["E", "F", "B", "G", "D"])}]));
+        let patched = smp(
+            "Deployment",
+            target,
+            json!({"spec": {"template": {"spec": {"containers": [{
+                "name": "app",
+                "$setElementOrder/env": [{"name": "E"}, {"name": "A"}, {"name": "B"}, {"name": "G"}],
+                "env": [
+                    {"name": "E", "value": "new"},
+                    {"name": "A", "value": "new"},
+                    {"name": "B", "value": "new"},
+                    {"$patch": "delete", "name": "D"},
+                ],
+            }]}}}}),
+        );
+        assert_eq!(
+            names(&patched["spec"]["template"]["spec"]["containers"][0]["env"]),
+            ["E", "F", "A", "B", "G"]
         );
     }
 

@@ -632,10 +632,12 @@ impl Registry {
             .update(&current.key, encode(&marked), current.revision)
             .await
             .map_err(|e| store_error(res, name, e))?;
+        let marked = self.committed(&current.key, rev).await;
         if res.kind == "Namespace" {
+            // After the cache shows the mark, or the finalizer would not see it.
             self.namespace_work.notify_one();
         }
-        self.committed(&current.key, rev).await
+        marked
     }
 
     /// Removes the object from the store now.
@@ -705,7 +707,11 @@ impl Registry {
             self.create(svc_res, Some("default"), svc, WriteOptions::default())
                 .await?;
         }
-        if let Some((ip, port)) = apiserver.filter(|(ip, _)| !ip.is_unspecified()) {
+        // Like kube-apiserver, publish endpoints only for an address other hosts can
+        // reach (loopback endpoints are invalid).
+        if let Some((ip, port)) =
+            apiserver.filter(|(ip, _)| !ip.is_unspecified() && !ip.is_loopback())
+        {
             let ep_res = resources::find_kind("Endpoints").unwrap();
             let endpoints = json!({
                 "metadata": {"name": "kubernetes", "namespace": "default"},

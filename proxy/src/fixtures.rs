@@ -59,7 +59,11 @@ pub struct Ep {
 pub fn ep(ip: &str, node: &str) -> Ep {
     Ep {
         ip: ip.into(),
-        node: if node.is_empty() { None } else { Some(node.into()) },
+        node: if node.is_empty() {
+            None
+        } else {
+            Some(node.into())
+        },
         ready: true,
         serving: true,
         terminating: false,
@@ -82,7 +86,13 @@ impl Ep {
 }
 
 /// An IPv4 EndpointSlice for service `svc` with `(port name, port, protocol)` ports.
-pub fn slice(ns: &str, svc: &str, slice_name: &str, ports: &[(&str, u16, &str)], eps: &[Ep]) -> EndpointSlice {
+pub fn slice(
+    ns: &str,
+    svc: &str,
+    slice_name: &str,
+    ports: &[(&str, u16, &str)],
+    eps: &[Ep],
+) -> EndpointSlice {
     let ports: Vec<Value> = ports
         .iter()
         .map(|(n, p, proto)| json!({"name": n, "port": p, "protocol": proto}))
@@ -111,7 +121,10 @@ pub fn slice(ns: &str, svc: &str, slice_name: &str, ports: &[(&str, u16, &str)],
 
 /// A Node with InternalIPs.
 pub fn node(name: &str, internal_ips: &[&str]) -> Node {
-    let addrs: Vec<Value> = internal_ips.iter().map(|ip| json!({"type": "InternalIP", "address": ip})).collect();
+    let addrs: Vec<Value> = internal_ips
+        .iter()
+        .map(|ip| json!({"type": "InternalIP", "address": ip}))
+        .collect();
     serde_json::from_value(json!({
         "metadata": {"name": name},
         "status": {"addresses": addrs},

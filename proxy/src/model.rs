@@ -158,7 +158,9 @@ impl ServicePort {
     }
     /// The service is reachable from outside the cluster on this port.
     pub fn has_external(&self) -> bool {
-        self.node_port.is_some() || !self.external_ips.is_empty() || !self.load_balancer_ips.is_empty()
+        self.node_port.is_some()
+            || !self.external_ips.is_empty()
+            || !self.load_balancer_ips.is_empty()
     }
     /// Every endpoint any traffic may reach (for conntrack cleanup and BPF backends).
     pub fn all_used_endpoints(&self) -> BTreeSet<Endpoint> {
@@ -238,7 +240,11 @@ pub struct ModelWarning {
 
 impl fmt::Display for ModelWarning {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}/{}: {}", self.kind, self.namespace, self.name, self.reason)
+        write!(
+            f,
+            "{} {}/{}: {}",
+            self.kind, self.namespace, self.name, self.reason
+        )
     }
 }
 
@@ -359,11 +365,18 @@ fn has_label(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta, 
 
 /// Node addresses usable for NodePorts ("primary" = InternalIPs, else ExternalIPs).
 pub fn node_ipv4s(node: Option<&Node>) -> Vec<Ipv4Addr> {
-    let Some(addrs) = node.and_then(|n| n.status.as_ref()).and_then(|s| s.addresses.as_ref()) else {
+    let Some(addrs) = node
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref())
+    else {
         return Vec::new();
     };
     let pick = |t: &str| -> Vec<Ipv4Addr> {
-        addrs.iter().filter(|a| a.type_ == t).filter_map(|a| parse_ipv4(&a.address)).collect()
+        addrs
+            .iter()
+            .filter(|a| a.type_ == t)
+            .filter_map(|a| parse_ipv4(&a.address))
+            .collect()
     };
     let mut ips = pick("InternalIP");
     if ips.is_empty() {
@@ -392,6 +405,18 @@ pub fn build(
     node: Option<&Node>,
     config: &ModelConfig,
 ) -> ProxyModel {
+    let s: Vec<&Service> = services.iter().collect();
+    let e: Vec<&EndpointSlice> = endpoint_slices.iter().collect();
+    build_refs(&s, &e, node, config)
+}
+
+/// [`build`] over borrowed objects (e.g. from reflector stores).
+pub fn build_refs(
+    services: &[&Service],
+    endpoint_slices: &[&EndpointSlice],
+    node: Option<&Node>,
+    config: &ModelConfig,
+) -> ProxyModel {
     let mut warnings = Vec::new();
     let mut w = Warn { out: &mut warnings };
     let node_ips = node_ipv4s(node);
@@ -417,7 +442,9 @@ pub fn build(
         if has_label(&svc.metadata, LABEL_SERVICE_PROXY_NAME) {
             continue;
         }
-        let Some(spec) = svc.spec.as_ref() else { continue };
+        let Some(spec) = svc.spec.as_ref() else {
+            continue;
+        };
         let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
         if svc_type == "ExternalName" {
             continue;
@@ -430,7 +457,12 @@ pub fn build(
             Some(ip) if !ip.is_unspecified() => ip,
             _ => {
                 if cip.parse::<std::net::Ipv6Addr>().is_err() {
-                    w.push(ObjectKind::Service, &ns, &name, format!("invalid clusterIP {cip:?}"));
+                    w.push(
+                        ObjectKind::Service,
+                        &ns,
+                        &name,
+                        format!("invalid clusterIP {cip:?}"),
+                    );
                 }
                 // IPv6-only services are for the ip6 table (dual-stack comes later).
                 continue;
@@ -441,7 +473,12 @@ pub fn build(
             match parse_ipv4(s) {
                 Some(ip) => external_ips.push(ip),
                 None if s.parse::<std::net::Ipv6Addr>().is_ok() => {}
-                None => w.push(ObjectKind::Service, &ns, &name, format!("invalid externalIP {s:?}")),
+                None => w.push(
+                    ObjectKind::Service,
+                    &ns,
+                    &name,
+                    format!("invalid externalIP {s:?}"),
+                ),
             }
         }
         external_ips.sort();
@@ -461,7 +498,12 @@ pub fn build(
                 match parse_ipv4(s) {
                     Some(ip) => lb_ips.push(ip),
                     None if s.parse::<std::net::Ipv6Addr>().is_ok() => {}
-                    None => w.push(ObjectKind::Service, &ns, &name, format!("invalid load balancer ingress IP {s:?}")),
+                    None => w.push(
+                        ObjectKind::Service,
+                        &ns,
+                        &name,
+                        format!("invalid load balancer ingress IP {s:?}"),
+                    ),
                 }
             }
         }
@@ -477,46 +519,76 @@ pub fn build(
             if (1..=86400).contains(&t) {
                 Some(t as u32)
             } else {
-                w.push(ObjectKind::Service, &ns, &name, format!("invalid sessionAffinity timeoutSeconds {t}; using default"));
+                w.push(
+                    ObjectKind::Service,
+                    &ns,
+                    &name,
+                    format!("invalid sessionAffinity timeoutSeconds {t}; using default"),
+                );
                 Some(DEFAULT_AFFINITY_TIMEOUT)
             }
         } else {
             None
         };
-        let policy = |p: Option<&str>| if p == Some("Local") { TrafficPolicy::Local } else { TrafficPolicy::Cluster };
+        let policy = |p: Option<&str>| {
+            if p == Some("Local") {
+                TrafficPolicy::Local
+            } else {
+                TrafficPolicy::Cluster
+            }
+        };
         let internal_policy = policy(spec.internal_traffic_policy.as_deref());
-        let externally_visible = svc_type == "NodePort" || svc_type == "LoadBalancer" || !external_ips.is_empty();
+        let externally_visible =
+            svc_type == "NodePort" || svc_type == "LoadBalancer" || !external_ips.is_empty();
         let external_policy = if externally_visible {
             policy(spec.external_traffic_policy.as_deref())
         } else {
             TrafficPolicy::Cluster
         };
-        let health_check_node_port = if external_policy == TrafficPolicy::Local && svc_type == "LoadBalancer" {
-            spec.health_check_node_port.and_then(port_u16)
-        } else {
-            None
-        };
+        let health_check_node_port =
+            if external_policy == TrafficPolicy::Local && svc_type == "LoadBalancer" {
+                spec.health_check_node_port.and_then(port_u16)
+            } else {
+                None
+            };
         let mut ports = Vec::new();
         for p in spec.ports.iter().flatten() {
             let pname = p.name.clone().unwrap_or_default();
             let proto_s = p.protocol.as_deref().unwrap_or("TCP");
             let Some(protocol) = Protocol::parse(proto_s) else {
-                w.push(ObjectKind::Service, &ns, &name, format!("port {pname:?}: unknown protocol {proto_s:?}"));
+                w.push(
+                    ObjectKind::Service,
+                    &ns,
+                    &name,
+                    format!("port {pname:?}: unknown protocol {proto_s:?}"),
+                );
                 continue;
             };
             let Some(port) = port_u16(p.port) else {
-                w.push(ObjectKind::Service, &ns, &name, format!("port {pname:?}: invalid port {}", p.port));
+                w.push(
+                    ObjectKind::Service,
+                    &ns,
+                    &name,
+                    format!("port {pname:?}: invalid port {}", p.port),
+                );
                 continue;
             };
             let node_port = match p.node_port {
                 None | Some(0) => None,
-                Some(np) if svc_type == "NodePort" || svc_type == "LoadBalancer" => match port_u16(np) {
-                    Some(np) => Some(np),
-                    None => {
-                        w.push(ObjectKind::Service, &ns, &name, format!("port {pname:?}: invalid nodePort {np}"));
-                        None
+                Some(np) if svc_type == "NodePort" || svc_type == "LoadBalancer" => {
+                    match port_u16(np) {
+                        Some(np) => Some(np),
+                        None => {
+                            w.push(
+                                ObjectKind::Service,
+                                &ns,
+                                &name,
+                                format!("port {pname:?}: invalid nodePort {np}"),
+                            );
+                            None
+                        }
                     }
-                },
+                }
                 Some(_) => None,
             };
             ports.push(ServicePort {
@@ -538,18 +610,31 @@ pub fn build(
     }
 
     // Gather raw endpoints per service port, deduplicated by (ip, port).
-    let mut raw: BTreeMap<ServicePortName, BTreeMap<(Ipv4Addr, u16), RawEndpoint>> = BTreeMap::new();
+    let mut raw: BTreeMap<ServicePortName, BTreeMap<(Ipv4Addr, u16), RawEndpoint>> =
+        BTreeMap::new();
     for slice in endpoint_slices {
         let ns = slice.metadata.namespace.clone().unwrap_or_default();
         let sname = slice.metadata.name.clone().unwrap_or_default();
-        if has_label(&slice.metadata, LABEL_SERVICE_PROXY_NAME) || has_label(&slice.metadata, LABEL_HEADLESS) {
+        if has_label(&slice.metadata, LABEL_SERVICE_PROXY_NAME)
+            || has_label(&slice.metadata, LABEL_HEADLESS)
+        {
             continue;
         }
         if slice.address_type != "IPv4" {
             continue; // IPv6 and FQDN slices are not programmed by the ip table
         }
-        let Some(svc_name) = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME)) else {
-            w.push(ObjectKind::EndpointSlice, &ns, &sname, format!("missing label {LABEL_SERVICE_NAME}"));
+        let Some(svc_name) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_SERVICE_NAME))
+        else {
+            w.push(
+                ObjectKind::EndpointSlice,
+                &ns,
+                &sname,
+                format!("missing label {LABEL_SERVICE_NAME}"),
+            );
             continue;
         };
         let Some(info) = by_name.get(&(ns.clone(), svc_name.clone())) else {
@@ -560,7 +645,12 @@ pub fn build(
                     && s.metadata.name.as_deref() == Some(svc_name.as_str())
             });
             if !svc_exists {
-                w.push(ObjectKind::EndpointSlice, &ns, &sname, format!("service {svc_name:?} not found"));
+                w.push(
+                    ObjectKind::EndpointSlice,
+                    &ns,
+                    &sname,
+                    format!("service {svc_name:?} not found"),
+                );
             }
             continue;
         };
@@ -568,11 +658,21 @@ pub fn build(
             let pname = sp.name.clone().unwrap_or_default();
             let proto_s = sp.protocol.as_deref().unwrap_or("TCP");
             let Some(protocol) = Protocol::parse(proto_s) else {
-                w.push(ObjectKind::EndpointSlice, &ns, &sname, format!("port {pname:?}: unknown protocol {proto_s:?}"));
+                w.push(
+                    ObjectKind::EndpointSlice,
+                    &ns,
+                    &sname,
+                    format!("port {pname:?}: unknown protocol {proto_s:?}"),
+                );
                 continue;
             };
             let Some(port) = sp.port.and_then(port_u16) else {
-                w.push(ObjectKind::EndpointSlice, &ns, &sname, format!("port {pname:?}: invalid port {:?}", sp.port));
+                w.push(
+                    ObjectKind::EndpointSlice,
+                    &ns,
+                    &sname,
+                    format!("port {pname:?}: invalid port {:?}", sp.port),
+                );
                 continue;
             };
             let key = ServicePortName::new(&ns, svc_name, &pname, protocol);
@@ -580,17 +680,25 @@ pub fn build(
                 continue;
             }
             let entry = raw.entry(key).or_default();
-            for e in &slice.endpoints {
-                let Some(addr) = e.addresses.first() else { continue };
+            for e in slice.endpoints.iter().flatten() {
+                let Some(addr) = e.addresses.first() else {
+                    continue;
+                };
                 let Some(ip) = parse_ipv4(addr) else {
-                    w.push(ObjectKind::EndpointSlice, &ns, &sname, format!("invalid endpoint address {addr:?}"));
+                    w.push(
+                        ObjectKind::EndpointSlice,
+                        &ns,
+                        &sname,
+                        format!("invalid endpoint address {addr:?}"),
+                    );
                     continue;
                 };
                 let c = e.conditions.as_ref();
                 let ready = c.and_then(|c| c.ready).unwrap_or(true);
                 let serving = c.and_then(|c| c.serving).unwrap_or(ready);
                 let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-                let local = !config.node_name.is_empty() && e.node_name.as_deref() == Some(config.node_name.as_str());
+                let local = !config.node_name.is_empty()
+                    && e.node_name.as_deref() == Some(config.node_name.as_str());
                 let hints = e.hints.as_ref();
                 let zones = hints
                     .and_then(|h| h.for_zones.as_ref())
@@ -614,7 +722,10 @@ pub fn build(
     let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
     for ((ns, name), info) in by_name {
         for mut sp in info.ports {
-            let eps: Vec<RawEndpoint> = raw.remove(&sp.name).map(|m| m.into_values().collect()).unwrap_or_default();
+            let eps: Vec<RawEndpoint> = raw
+                .remove(&sp.name)
+                .map(|m| m.into_values().collect())
+                .unwrap_or_default();
             let (cluster, local) = categorize(&eps, &config.node_name, node_zone.as_deref());
             sp.cluster_endpoints = cluster;
             sp.local_endpoints = local;
@@ -648,13 +759,19 @@ pub fn build(
 /// kube-proxy's endpoint categorisation: ready endpoints, else serving+terminating
 /// ones; topology hints (node, then zone) narrow the cluster set when every
 /// endpoint has them and some match; local endpoints are those on this node.
-fn categorize(eps: &[RawEndpoint], node: &str, zone: Option<&str>) -> (Vec<Endpoint>, Vec<Endpoint>) {
+fn categorize(
+    eps: &[RawEndpoint],
+    node: &str,
+    zone: Option<&str>,
+) -> (Vec<Endpoint>, Vec<Endpoint>) {
     let pick = |filter: &dyn Fn(&RawEndpoint) -> bool| -> Vec<&RawEndpoint> {
         let ready: Vec<&RawEndpoint> = eps.iter().filter(|e| filter(e) && e.ready).collect();
         if !ready.is_empty() {
             return ready;
         }
-        eps.iter().filter(|e| filter(e) && e.serving && e.terminating).collect()
+        eps.iter()
+            .filter(|e| filter(e) && e.serving && e.terminating)
+            .collect()
     };
     let mut cluster = pick(&|_| true);
     // Topology: PreferSameNode hints, then zone hints.
@@ -662,7 +779,11 @@ fn categorize(eps: &[RawEndpoint], node: &str, zone: Option<&str>) -> (Vec<Endpo
         let same: Vec<&RawEndpoint> = cluster
             .iter()
             .copied()
-            .filter(|e| e.nodes.as_ref().is_some_and(|n| n.iter().any(|n| n == node)))
+            .filter(|e| {
+                e.nodes
+                    .as_ref()
+                    .is_some_and(|n| n.iter().any(|n| n == node))
+            })
             .collect();
         if !same.is_empty() {
             cluster = same;
@@ -672,7 +793,11 @@ fn categorize(eps: &[RawEndpoint], node: &str, zone: Option<&str>) -> (Vec<Endpo
             let same: Vec<&RawEndpoint> = cluster
                 .iter()
                 .copied()
-                .filter(|e| e.zones.as_ref().is_some_and(|z| z.iter().any(|z| z == zone)))
+                .filter(|e| {
+                    e.zones
+                        .as_ref()
+                        .is_some_and(|z| z.iter().any(|z| z == zone))
+                })
                 .collect();
             if !same.is_empty() {
                 cluster = same;
@@ -690,7 +815,12 @@ fn categorize(eps: &[RawEndpoint], node: &str, zone: Option<&str>) -> (Vec<Endpo
 /// Returns the (ip, port) endpoints of `old` no longer used by `new` (for conntrack).
 pub fn removed_endpoints(old: &ServicePort, new: Option<&ServicePort>) -> Vec<Endpoint> {
     let keep: BTreeSet<(Ipv4Addr, u16)> = new
-        .map(|n| n.all_used_endpoints().into_iter().map(|e| (e.ip, e.port)).collect())
+        .map(|n| {
+            n.all_used_endpoints()
+                .into_iter()
+                .map(|e| (e.ip, e.port))
+                .collect()
+        })
         .unwrap_or_default();
     old.all_used_endpoints()
         .into_iter()

@@ -312,11 +312,15 @@ fn content_type(req: &Request<Incoming>) -> String {
         .to_ascii_lowercase()
 }
 
-/// Decodes an object body (JSON or YAML).
-async fn object_body(req: Request<Incoming>) -> ApiResult<Value> {
+/// Decodes an object body (JSON, YAML, or the protobuf kubectl's typed
+/// commands send).
+async fn object_body(res: &ResourceInfo, req: Request<Incoming>) -> ApiResult<Value> {
     let ct = content_type(&req);
     let body = read_body(req.into_body()).await?;
     match ct.as_str() {
+        "application/vnd.kubernetes.protobuf" => {
+            crate::protobuf::decode(res.kind, &body).map_err(ApiError::bad_request)
+        }
         "application/json" | "" => serde_json::from_slice(&body)
             .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}"))),
         "application/yaml" | "application/x-yaml" | "text/yaml" => serde_yaml::from_slice(&body)
@@ -342,7 +346,7 @@ async fn create(
     req: Request<Incoming>,
 ) -> ApiResult<Response<Body>> {
     let opts = write_options(query)?;
-    let body = object_body(req).await?;
+    let body = object_body(target.res, req).await?;
     let written = server
         .registry
         .create(target.res, target.namespace.as_deref(), body, opts)
@@ -357,7 +361,7 @@ async fn update(
     req: Request<Incoming>,
 ) -> ApiResult<Response<Body>> {
     let opts = write_options(query)?;
-    let body = object_body(req).await?;
+    let body = object_body(target.res, req).await?;
     let written = server
         .registry
         .update(

@@ -1,0 +1,851 @@
+//! nftables mode (the default): one private table `ip ferry`.
+//!
+//! The renderer is pure (model → nft text); [`NftablesDatapath`] feeds that text to
+//! `nft -f -`, one atomic transaction per sync. See proxy/README.md for the rules.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use anyhow::Context;
+
+use crate::datapath::{Datapath, Runner};
+use crate::model::{
+    short_hash, Endpoint, ModelDiff, NodePortAddresses, ProxyModel, ServicePort, TrafficPolicy,
+};
+
+pub const TABLE: &str = "ferry";
+pub const FAMILY: &str = "ip";
+/// Packet mark bit asking the postrouting chain to masquerade (kube-proxy's value).
+pub const MASQ_MARK: &str = "0x4000";
+
+/// The four verdict maps service ports put elements in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NftMap {
+    ServiceIps,
+    ServiceNodeports,
+    NoEndpointServices,
+    NoEndpointNodeports,
+}
+
+impl NftMap {
+    pub const ALL: [NftMap; 4] = [
+        NftMap::ServiceIps,
+        NftMap::ServiceNodeports,
+        NftMap::NoEndpointServices,
+        NftMap::NoEndpointNodeports,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            NftMap::ServiceIps => "service-ips",
+            NftMap::ServiceNodeports => "service-nodeports",
+            NftMap::NoEndpointServices => "no-endpoint-services",
+            NftMap::NoEndpointNodeports => "no-endpoint-nodeports",
+        }
+    }
+    fn key_type(self) -> &'static str {
+        match self {
+            NftMap::ServiceIps | NftMap::NoEndpointServices => {
+                "ipv4_addr . inet_proto . inet_service"
+            }
+            NftMap::ServiceNodeports | NftMap::NoEndpointNodeports => "inet_proto . inet_service",
+        }
+    }
+}
+
+/// One verdict-map element.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Element {
+    pub map: NftMap,
+    pub key: String,
+    pub comment: String,
+    pub verdict: String,
+}
+
+impl Element {
+    fn text(&self) -> String {
+        format!(
+            "{} comment \"{}\" : {}",
+            self.key, self.comment, self.verdict
+        )
+    }
+}
+
+/// Everything rendered for one service port: chains, affinity sets and map elements.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceObjects {
+    /// chain name → rules.
+    pub chains: BTreeMap<String, Vec<String>>,
+    /// affinity set name → timeout (seconds).
+    pub sets: BTreeMap<String, u32>,
+    pub elements: BTreeSet<Element>,
+}
+
+/// A base (node-wide) chain.
+struct BaseChain {
+    name: &'static str,
+    hook: Option<&'static str>,
+    rules: Vec<String>,
+}
+
+fn chain_base(sp: &ServicePort) -> (String, String) {
+    let n = &sp.name;
+    let port = if n.port.is_empty() {
+        sp.port.to_string()
+    } else {
+        n.port.clone()
+    };
+    let readable = format!("{}/{}/{}/{}", n.namespace, n.name, n.protocol, port);
+    let hash = short_hash(&format!(
+        "{}/{}:{}/{}",
+        n.namespace, n.name, n.port, n.protocol
+    ));
+    (hash[..8].to_string(), readable)
+}
+
+fn node_port_match(model: &ProxyModel) -> String {
+    match &model.node_port_addresses {
+        NodePortAddresses::All => "fib daddr type local ip daddr != 127.0.0.0/8 ".to_string(),
+        NodePortAddresses::Ips(_) => "ip daddr @nodeport-ips ".to_string(),
+        NodePortAddresses::Cidrs(c) => {
+            let list: Vec<String> = c.iter().map(|c| c.to_string()).collect();
+            format!("ip daddr {{ {} }} fib daddr type local ", list.join(", "))
+        }
+    }
+}
+
+fn base_chains(model: &ProxyModel) -> Vec<BaseChain> {
+    let np = node_port_match(model);
+    vec![
+        BaseChain {
+            name: "mark-for-masquerade",
+            hook: None,
+            rules: vec![format!("meta mark set meta mark | {MASQ_MARK}")],
+        },
+        BaseChain {
+            name: "masquerading",
+            hook: None,
+            rules: vec![
+                format!("meta mark & {MASQ_MARK} == 0 return"),
+                format!("meta mark set meta mark ^ {MASQ_MARK}"),
+                "masquerade fully-random".into(),
+            ],
+        },
+        BaseChain {
+            name: "reject-chain",
+            hook: None,
+            rules: vec![
+                "meta l4proto tcp reject with tcp reset".into(),
+                "reject".into(),
+            ],
+        },
+        BaseChain {
+            name: "services",
+            hook: None,
+            rules: vec![
+                "ip daddr . meta l4proto . th dport vmap @service-ips".into(),
+                format!("{np}meta l4proto . th dport vmap @service-nodeports"),
+            ],
+        },
+        BaseChain {
+            name: "service-endpoints-check",
+            hook: None,
+            rules: vec![
+                "ip daddr . meta l4proto . th dport vmap @no-endpoint-services".into(),
+                format!("{np}meta l4proto . th dport vmap @no-endpoint-nodeports"),
+            ],
+        },
+        BaseChain {
+            name: "filter-prerouting",
+            hook: Some("type filter hook prerouting priority dstnat - 10; policy accept;"),
+            rules: vec!["ct state new jump service-endpoints-check".into()],
+        },
+        BaseChain {
+            name: "filter-output",
+            hook: Some("type filter hook output priority -110; policy accept;"),
+            rules: vec!["ct state new jump service-endpoints-check".into()],
+        },
+        BaseChain {
+            name: "nat-prerouting",
+            hook: Some("type nat hook prerouting priority dstnat; policy accept;"),
+            rules: vec!["jump services".into()],
+        },
+        BaseChain {
+            name: "nat-output",
+            hook: Some("type nat hook output priority -100; policy accept;"),
+            rules: vec!["jump services".into()],
+        },
+        BaseChain {
+            name: "nat-postrouting",
+            hook: Some("type nat hook postrouting priority srcnat; policy accept;"),
+            rules: vec!["jump masquerading".into()],
+        },
+    ]
+}
+
+/// Names of the base chains, maps and sets, for telling stale objects apart.
+fn base_names(model: &ProxyModel) -> BTreeSet<String> {
+    let mut s: BTreeSet<String> = base_chains(model)
+        .iter()
+        .map(|c| c.name.to_string())
+        .collect();
+    for m in NftMap::ALL {
+        s.insert(m.name().into());
+    }
+    s.insert("cluster-cidrs".into());
+    s.insert("nodeport-ips".into());
+    s
+}
+
+fn ip_set(ips: &[Endpoint]) -> String {
+    let v: Vec<String> = ips
+        .iter()
+        .map(|e| e.ip.to_string())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    format!("{{ {} }}", v.join(", "))
+}
+
+/// Renders the objects of one service port.
+pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
+    let mut o = ServiceObjects::default();
+    let (hash, readable) = chain_base(sp);
+    let proto = sp.name.protocol.as_str();
+    let comment = sp.name.to_string();
+    let svc_chain = format!("svc-{hash}-{readable}");
+    let ext_chain = format!("ext-{hash}-{readable}");
+    let has_cidrs = !model.cluster_cidrs.is_empty();
+
+    // Endpoint selection, inline (numgen → dnat map) or, with affinity, via
+    // per-endpoint chains that remember the client in a timed set.
+    let dispatch = |o: &mut ServiceObjects, prefix: &str, eps: &[Endpoint]| -> Vec<String> {
+        let mut rules = Vec::new();
+        if let Some(timeout) = sp.affinity_timeout {
+            let mut targets = Vec::new();
+            for e in eps {
+                let ep_chain = format!("ep-{hash}-{readable}__{}/{}", e.ip, e.port);
+                let set = format!("affinity-{}", short_hash(&format!("{ep_chain}/{timeout}")));
+                o.sets.insert(set.clone(), timeout);
+                o.chains.insert(
+                    ep_chain.clone(),
+                    vec![
+                        format!("update @{set} {{ ip saddr }}"),
+                        format!("meta l4proto {proto} dnat ip to {}:{}", e.ip, e.port),
+                    ],
+                );
+                rules.push(format!("{prefix}ip saddr @{set} goto {ep_chain}"));
+                targets.push(ep_chain);
+            }
+            let arms: Vec<String> = targets
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{i} : goto {c}"))
+                .collect();
+            rules.push(format!(
+                "{prefix}numgen random mod {} vmap {{ {} }}",
+                targets.len(),
+                arms.join(", ")
+            ));
+        } else if eps.len() == 1 {
+            rules.push(format!(
+                "{prefix}meta l4proto {proto} dnat ip to {}:{}",
+                eps[0].ip, eps[0].port
+            ));
+        } else {
+            let arms: Vec<String> = eps
+                .iter()
+                .enumerate()
+                .map(|(i, e)| format!("{i} : {} . {}", e.ip, e.port))
+                .collect();
+            rules.push(format!(
+                "{prefix}meta l4proto {proto} dnat ip to numgen random mod {} map {{ {} }}",
+                eps.len(),
+                arms.join(", ")
+            ));
+        }
+        rules
+    };
+
+    // Internal (ClusterIP) traffic.
+    let internal = sp.internal_endpoints();
+    let cip_key = format!("{} . {proto} . {}", sp.cluster_ip, sp.port);
+    if !internal.is_empty() {
+        let mut rules = Vec::new();
+        if model.masquerade_all {
+            rules.push("jump mark-for-masquerade".to_string());
+        } else {
+            if has_cidrs {
+                rules.push("ip saddr != @cluster-cidrs jump mark-for-masquerade".to_string());
+            }
+            rules.push(format!(
+                "ip saddr {} jump mark-for-masquerade",
+                ip_set(internal)
+            ));
+        }
+        rules.extend(dispatch(&mut o, "", internal));
+        o.chains.insert(svc_chain.clone(), rules);
+        o.elements.insert(Element {
+            map: NftMap::ServiceIps,
+            key: cip_key,
+            comment: comment.clone(),
+            verdict: format!("goto {svc_chain}"),
+        });
+    } else {
+        // No endpoints at all: refuse at once. Endpoints only elsewhere with
+        // internalTrafficPolicy Local: drop, as kube-proxy does.
+        let verdict = if sp.cluster_endpoints.is_empty() {
+            "goto reject-chain"
+        } else {
+            "drop"
+        };
+        o.elements.insert(Element {
+            map: NftMap::NoEndpointServices,
+            key: cip_key,
+            comment: comment.clone(),
+            verdict: verdict.into(),
+        });
+    }
+
+    // External traffic: NodePort, externalIPs, LoadBalancer ingress IPs.
+    if sp.has_external() {
+        let usable = !sp.cluster_endpoints.is_empty();
+        if usable {
+            let mut rules = Vec::new();
+            match sp.external_policy {
+                TrafficPolicy::Cluster => {
+                    rules.push("jump mark-for-masquerade".to_string());
+                    rules.extend(dispatch(&mut o, "", &sp.cluster_endpoints));
+                }
+                TrafficPolicy::Local => {
+                    if has_cidrs {
+                        // Pods inside the cluster may use any endpoint.
+                        rules.extend(dispatch(
+                            &mut o,
+                            "ip saddr @cluster-cidrs ",
+                            &sp.cluster_endpoints,
+                        ));
+                    }
+                    // Traffic from the node itself is masqueraded and may use any endpoint.
+                    rules.push("fib saddr type local jump mark-for-masquerade".to_string());
+                    rules.extend(dispatch(
+                        &mut o,
+                        "fib saddr type local ",
+                        &sp.cluster_endpoints,
+                    ));
+                    if sp.local_endpoints.is_empty() {
+                        rules.push("drop".to_string());
+                    } else {
+                        rules.extend(dispatch(&mut o, "", &sp.local_endpoints));
+                    }
+                }
+            }
+            o.chains.insert(ext_chain.clone(), rules);
+        }
+        let (ip_map, verdict) = if usable {
+            (NftMap::ServiceIps, format!("goto {ext_chain}"))
+        } else {
+            (NftMap::NoEndpointServices, "goto reject-chain".to_string())
+        };
+        let ips: BTreeSet<_> = sp
+            .external_ips
+            .iter()
+            .chain(&sp.load_balancer_ips)
+            .collect();
+        for ip in ips {
+            o.elements.insert(Element {
+                map: ip_map,
+                key: format!("{ip} . {proto} . {}", sp.port),
+                comment: comment.clone(),
+                verdict: verdict.clone(),
+            });
+        }
+        if let Some(np) = sp.node_port {
+            o.elements.insert(Element {
+                map: if usable {
+                    NftMap::ServiceNodeports
+                } else {
+                    NftMap::NoEndpointNodeports
+                },
+                key: format!("{proto} . {np}"),
+                comment: comment.clone(),
+                verdict,
+            });
+        }
+    }
+    o
+}
+
+/// Renders every service port.
+pub fn render_services(
+    model: &ProxyModel,
+) -> BTreeMap<crate::model::ServicePortName, ServiceObjects> {
+    model
+        .services
+        .iter()
+        .map(|(k, sp)| (k.clone(), render_service(model, sp)))
+        .collect()
+}
+
+fn push_elements(out: &mut String, elems: &[&Element]) {
+    for (i, e) in elems.iter().enumerate() {
+        let sep = if i + 1 == elems.len() { " }" } else { "," };
+        if i == 0 {
+            let _ = writeln!(out, "\t\telements = {{ {}{sep}", e.text());
+        } else {
+            let _ = writeln!(out, "\t\t\t     {}{sep}", e.text());
+        }
+    }
+}
+
+/// The whole table in nft's declarative syntax (goldens, docs, `nft -c` checks).
+pub fn render_table(model: &ProxyModel) -> String {
+    let services = render_services(model);
+    let mut out = String::new();
+    let _ = writeln!(out, "table {FAMILY} {TABLE} {{");
+    let _ = writeln!(out, "\tcomment \"rules for ferry proxy\"");
+    if !model.cluster_cidrs.is_empty() {
+        let c: Vec<String> = model.cluster_cidrs.iter().map(|c| c.to_string()).collect();
+        let _ = writeln!(
+            out,
+            "\n\tset cluster-cidrs {{\n\t\ttype ipv4_addr; flags interval;\n\t\telements = {{ {} }}\n\t}}",
+            c.join(", ")
+        );
+    }
+    if let NodePortAddresses::Ips(ips) = &model.node_port_addresses {
+        let c: Vec<String> = ips.iter().map(|c| c.to_string()).collect();
+        let _ = writeln!(
+            out,
+            "\n\tset nodeport-ips {{\n\t\ttype ipv4_addr;\n\t\telements = {{ {} }}\n\t}}",
+            c.join(", ")
+        );
+    }
+    let all_elements: BTreeSet<&Element> =
+        services.values().flat_map(|s| s.elements.iter()).collect();
+    for m in NftMap::ALL {
+        let _ = write!(
+            out,
+            "\n\tmap {} {{\n\t\ttype {} : verdict;\n",
+            m.name(),
+            m.key_type()
+        );
+        let elems: Vec<&Element> = all_elements
+            .iter()
+            .copied()
+            .filter(|e| e.map == m)
+            .collect();
+        push_elements(&mut out, &elems);
+        let _ = writeln!(out, "\t}}");
+    }
+    let sets: BTreeMap<&String, &u32> = services.values().flat_map(|s| s.sets.iter()).collect();
+    for (name, timeout) in sets {
+        let _ = writeln!(
+            out,
+            "\n\tset {name} {{\n\t\ttype ipv4_addr; flags dynamic,timeout; timeout {timeout}s;\n\t}}"
+        );
+    }
+    for c in base_chains(model) {
+        let _ = write!(out, "\n\tchain {} {{\n", c.name);
+        if let Some(h) = c.hook {
+            let _ = writeln!(out, "\t\t{h}");
+        }
+        for r in &c.rules {
+            let _ = writeln!(out, "\t\t{r}");
+        }
+        let _ = writeln!(out, "\t}}");
+    }
+    let chains: BTreeMap<&String, &Vec<String>> =
+        services.values().flat_map(|s| s.chains.iter()).collect();
+    for (name, rules) in chains {
+        let _ = write!(out, "\n\tchain {name} {{\n");
+        for r in rules {
+            let _ = writeln!(out, "\t\t{r}");
+        }
+        let _ = writeln!(out, "\t}}");
+    }
+    let _ = writeln!(out, "}}");
+    out
+}
+
+const T: &str = "ip ferry";
+
+fn add_elements_cmd(
+    out: &mut String,
+    verb: &str,
+    map: NftMap,
+    elems: &[&Element],
+    with_value: bool,
+) {
+    if elems.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "{verb} element {T} {} {{", map.name());
+    for (i, e) in elems.iter().enumerate() {
+        let sep = if i + 1 == elems.len() { "" } else { "," };
+        if with_value {
+            let _ = writeln!(out, "\t{}{sep}", e.text());
+        } else {
+            let _ = writeln!(out, "\t{}{sep}", e.key);
+        }
+    }
+    let _ = writeln!(out, "}}");
+}
+
+fn chain_cmds(out: &mut String, name: &str, rules: &[String]) {
+    let _ = writeln!(out, "add chain {T} {name}");
+    let _ = writeln!(out, "flush chain {T} {name}");
+    for r in rules {
+        let _ = writeln!(out, "add rule {T} {name} {r}");
+    }
+}
+
+/// What already exists in the kernel table (names only).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Existing {
+    pub chains: BTreeSet<String>,
+    pub sets: BTreeSet<String>,
+}
+
+/// A full-sync transaction: creates or refreshes every object, flushes and refills
+/// every chain and map, and deletes stale chains and sets. Affinity sets that
+/// survive keep their entries, and established connections are untouched.
+pub fn render_full_transaction(model: &ProxyModel, existing: &Existing) -> String {
+    let services = render_services(model);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "add table {T} {{ comment \"rules for ferry proxy\"; }}"
+    );
+    // Sets and maps first: chains reference them.
+    let _ = writeln!(
+        out,
+        "add set {T} cluster-cidrs {{ type ipv4_addr; flags interval; }}"
+    );
+    let _ = writeln!(out, "flush set {T} cluster-cidrs");
+    if !model.cluster_cidrs.is_empty() {
+        let c: Vec<String> = model.cluster_cidrs.iter().map(|c| c.to_string()).collect();
+        let _ = writeln!(out, "add element {T} cluster-cidrs {{ {} }}", c.join(", "));
+    }
+    let _ = writeln!(out, "add set {T} nodeport-ips {{ type ipv4_addr; }}");
+    let _ = writeln!(out, "flush set {T} nodeport-ips");
+    if let NodePortAddresses::Ips(ips) = &model.node_port_addresses {
+        let c: Vec<String> = ips.iter().map(|c| c.to_string()).collect();
+        let _ = writeln!(out, "add element {T} nodeport-ips {{ {} }}", c.join(", "));
+    }
+    for m in NftMap::ALL {
+        let _ = writeln!(
+            out,
+            "add map {T} {} {{ type {} : verdict; }}",
+            m.name(),
+            m.key_type()
+        );
+    }
+    let mut desired_sets = BTreeSet::new();
+    for s in services.values() {
+        for (name, timeout) in &s.sets {
+            desired_sets.insert(name.clone());
+            let _ = writeln!(out, "add set {T} {name} {{ type ipv4_addr; flags dynamic,timeout; timeout {timeout}s; }}");
+        }
+    }
+    // Base chains (hooks included), then service chains.
+    let mut desired_chains = BTreeSet::new();
+    for c in base_chains(model) {
+        desired_chains.insert(c.name.to_string());
+        match c.hook {
+            Some(h) => {
+                let _ = writeln!(out, "add chain {T} {} {{ {h} }}", c.name);
+            }
+            None => {
+                let _ = writeln!(out, "add chain {T} {}", c.name);
+            }
+        }
+    }
+    let mut all_chains: BTreeMap<&String, &Vec<String>> = BTreeMap::new();
+    for s in services.values() {
+        all_chains.extend(s.chains.iter());
+    }
+    for name in all_chains.keys() {
+        desired_chains.insert((*name).clone());
+        let _ = writeln!(out, "add chain {T} {name}");
+    }
+    // Flush every map before anything stale is deleted (elements reference chains).
+    for m in NftMap::ALL {
+        let _ = writeln!(out, "flush map {T} {}", m.name());
+    }
+    let stale_chains: Vec<&String> = existing
+        .chains
+        .iter()
+        .filter(|c| !desired_chains.contains(*c))
+        .collect();
+    for c in &stale_chains {
+        let _ = writeln!(out, "flush chain {T} {c}");
+    }
+    for c in base_chains(model) {
+        let _ = writeln!(out, "flush chain {T} {}", c.name);
+        for r in &c.rules {
+            let _ = writeln!(out, "add rule {T} {} {r}", c.name);
+        }
+    }
+    for (name, rules) in &all_chains {
+        let _ = writeln!(out, "flush chain {T} {name}");
+        for r in rules.iter() {
+            let _ = writeln!(out, "add rule {T} {name} {r}");
+        }
+    }
+    let all_elements: BTreeSet<&Element> =
+        services.values().flat_map(|s| s.elements.iter()).collect();
+    for m in NftMap::ALL {
+        let elems: Vec<&Element> = all_elements
+            .iter()
+            .copied()
+            .filter(|e| e.map == m)
+            .collect();
+        add_elements_cmd(&mut out, "add", m, &elems, true);
+    }
+    for c in &stale_chains {
+        let _ = writeln!(out, "delete chain {T} {c}");
+    }
+    let base = base_names(model);
+    for s in existing
+        .sets
+        .iter()
+        .filter(|s| !desired_sets.contains(*s) && !base.contains(*s))
+    {
+        let _ = writeln!(out, "delete set {T} {s}");
+    }
+    out
+}
+
+/// A partial transaction turning `old` objects into `new` ones for the changed
+/// service ports only (`None` = absent). Returns an empty string when nothing changed.
+pub fn render_partial_transaction(
+    changes: &[(Option<&ServiceObjects>, Option<&ServiceObjects>)],
+) -> String {
+    let empty = ServiceObjects::default();
+    let mut add_sets = BTreeMap::new();
+    let mut write_chains: BTreeMap<&String, &Vec<String>> = BTreeMap::new();
+    let mut del_chains = BTreeSet::new();
+    let mut del_sets = BTreeSet::new();
+    let mut del_elems: BTreeSet<&Element> = BTreeSet::new();
+    let mut add_elems: BTreeSet<&Element> = BTreeSet::new();
+    for (old, new) in changes {
+        let old = old.unwrap_or(&empty);
+        let new = new.unwrap_or(&empty);
+        for (s, t) in &new.sets {
+            if !old.sets.contains_key(s) {
+                add_sets.insert(s.clone(), *t);
+            }
+        }
+        for (c, rules) in &new.chains {
+            if old.chains.get(c) != Some(rules) {
+                write_chains.insert(c, rules);
+            }
+        }
+        for c in old.chains.keys() {
+            if !new.chains.contains_key(c) {
+                del_chains.insert(c.clone());
+            }
+        }
+        for s in old.sets.keys() {
+            if !new.sets.contains_key(s) {
+                del_sets.insert(s.clone());
+            }
+        }
+        for e in &old.elements {
+            if !new.elements.contains(e) {
+                del_elems.insert(e);
+            }
+        }
+        for e in &new.elements {
+            if !old.elements.contains(e) {
+                add_elems.insert(e);
+            }
+        }
+    }
+    // A chain removed by one port and created by another (never expected) is kept.
+    del_chains.retain(|c| !write_chains.contains_key(c));
+    del_sets.retain(|s| !add_sets.contains_key(s));
+    if add_sets.is_empty()
+        && write_chains.is_empty()
+        && del_chains.is_empty()
+        && del_sets.is_empty()
+        && del_elems.is_empty()
+        && add_elems.is_empty()
+    {
+        return String::new();
+    }
+    let mut out = String::new();
+    for (s, t) in &add_sets {
+        let _ = writeln!(
+            out,
+            "add set {T} {s} {{ type ipv4_addr; flags dynamic,timeout; timeout {t}s; }}"
+        );
+    }
+    for (c, rules) in &write_chains {
+        chain_cmds(&mut out, c, rules);
+    }
+    // Deletions of keys come first so a key can move to a new verdict or map.
+    for m in NftMap::ALL {
+        let elems: Vec<&Element> = del_elems.iter().copied().filter(|e| e.map == m).collect();
+        add_elements_cmd(&mut out, "delete", m, &elems, false);
+    }
+    for m in NftMap::ALL {
+        let elems: Vec<&Element> = add_elems.iter().copied().filter(|e| e.map == m).collect();
+        add_elements_cmd(&mut out, "add", m, &elems, true);
+    }
+    for c in &del_chains {
+        let _ = writeln!(out, "flush chain {T} {c}");
+    }
+    for c in &del_chains {
+        let _ = writeln!(out, "delete chain {T} {c}");
+    }
+    for s in &del_sets {
+        let _ = writeln!(out, "delete set {T} {s}");
+    }
+    out
+}
+
+/// Parses `nft -j list table ip ferry` into chain and set/map names.
+pub fn parse_existing(json: &str) -> anyhow::Result<Existing> {
+    let v: serde_json::Value = serde_json::from_str(json).context("parsing nft -j output")?;
+    let mut e = Existing::default();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        if let Some(c) = item.get("chain") {
+            if let Some(n) = c["name"].as_str() {
+                e.chains.insert(n.to_string());
+            }
+        }
+        for k in ["set", "map"] {
+            if let Some(s) = item.get(k) {
+                if let Some(n) = s["name"].as_str() {
+                    e.sets.insert(n.to_string());
+                }
+            }
+        }
+    }
+    Ok(e)
+}
+
+/// The nftables datapath: renders and applies transactions with `nft -f -`.
+pub struct NftablesDatapath {
+    runner: Runner,
+    /// Objects as last programmed, per service port.
+    programmed: BTreeMap<crate::model::ServicePortName, ServiceObjects>,
+    needs_full: bool,
+    /// Text of the last transaction (for tests and debugging).
+    pub last_transaction: String,
+}
+
+impl NftablesDatapath {
+    pub fn new(runner: Runner) -> Self {
+        NftablesDatapath {
+            runner,
+            programmed: BTreeMap::new(),
+            needs_full: true,
+            last_transaction: String::new(),
+        }
+    }
+
+    fn table_exists(&self) -> bool {
+        self.runner.succeeds("nft", &["list", "table", "ip", TABLE])
+    }
+
+    fn existing(&self) -> anyhow::Result<Existing> {
+        if !self.table_exists() {
+            return Ok(Existing::default());
+        }
+        // -t: no set elements, which keeps a big table's listing cheap.
+        let json = self
+            .runner
+            .run("nft", &["-j", "-t", "list", "table", "ip", TABLE])?;
+        parse_existing(&json)
+    }
+
+    fn apply(&mut self, tx: String) -> anyhow::Result<()> {
+        let res = self.runner.run_stdin("nft", &["-f", "-"], &tx);
+        self.last_transaction = tx;
+        res.map(|_| ())
+    }
+
+    /// Removes the table if present (static so other modes can clean it up).
+    pub fn remove(runner: &Runner) -> anyhow::Result<bool> {
+        if runner.succeeds("nft", &["list", "table", "ip", TABLE]) {
+            runner.run("nft", &["delete", "table", "ip", TABLE])?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
+impl Datapath for NftablesDatapath {
+    fn name(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn sync_full(&mut self, model: &ProxyModel) -> anyhow::Result<()> {
+        let existing = self.existing()?;
+        let tx = render_full_transaction(model, &existing);
+        match self.apply(tx) {
+            Ok(()) => {
+                self.programmed = render_services(model);
+                self.needs_full = false;
+                Ok(())
+            }
+            Err(e) => {
+                self.needs_full = true;
+                Err(e)
+            }
+        }
+    }
+
+    fn apply_diff(
+        &mut self,
+        _old: &ProxyModel,
+        new: &ProxyModel,
+        diff: &ModelDiff,
+    ) -> anyhow::Result<()> {
+        if self.needs_full || diff.globals_changed {
+            return self.sync_full(new);
+        }
+        let mut rendered = Vec::new();
+        for k in diff.changes.keys() {
+            rendered.push((
+                k.clone(),
+                new.services.get(k).map(|sp| render_service(new, sp)),
+            ));
+        }
+        let pairs: Vec<(Option<&ServiceObjects>, Option<&ServiceObjects>)> = rendered
+            .iter()
+            .map(|(k, n)| (self.programmed.get(k), n.as_ref()))
+            .collect();
+        let tx = render_partial_transaction(&pairs);
+        if tx.is_empty() {
+            return Ok(());
+        }
+        match self.apply(tx) {
+            Ok(()) => {
+                for (k, n) in rendered {
+                    match n {
+                        Some(n) => {
+                            self.programmed.insert(k, n);
+                        }
+                        None => {
+                            self.programmed.remove(&k);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.needs_full = true;
+                Err(e)
+            }
+        }
+    }
+
+    fn cleanup(&mut self) -> anyhow::Result<()> {
+        Self::remove(&self.runner)?;
+        self.programmed.clear();
+        self.needs_full = true;
+        Ok(())
+    }
+}
