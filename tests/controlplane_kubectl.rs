@@ -252,3 +252,126 @@ fn get_watch_receives_events() {
         "{seen:?}"
     );
 }
+
+const POD_AND_NODE: &str = "apiVersion: v1
+kind: Node
+metadata:
+  name: node-a
+  labels:
+    node-role.kubernetes.io/worker: \"\"
+status:
+  conditions:
+  - type: Ready
+    status: \"True\"
+  addresses:
+  - type: InternalIP
+    address: 192.0.2.10
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: runner
+  finalizers: [\"ferry.dev/test\"]
+spec:
+  nodeName: node-a
+  containers:
+  - name: app
+    image: app:1
+    command: [\"sleep\", \"1000\"]
+status:
+  phase: Running
+  podIP: 10.244.1.5
+";
+
+#[test]
+fn pods_nodes_graceful_deletion_finalizers_and_deletecollection() {
+    let cp = ControlPlane::start();
+    let out = cp.kubectl_stdin(&["apply", "-f", "-"], Some(POD_AND_NODE));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Status given at creation is kept for pods and nodes (as kubelet registers them).
+    let nodes = cp.kubectl_ok(&["get", "nodes"]);
+    assert_eq!(
+        header(&nodes),
+        ["NAME", "STATUS", "ROLES", "AGE", "VERSION"]
+    );
+    assert!(
+        nodes.contains("node-a") && nodes.contains("Ready") && nodes.contains("worker"),
+        "{nodes}"
+    );
+    let pods = cp.kubectl_ok(&["get", "pods", "-o", "wide"]);
+    let cols = header(&pods);
+    assert_eq!(&cols[..5], ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]);
+    assert!(
+        cols.contains(&"IP".to_string()) && cols.contains(&"NODE".to_string()),
+        "{pods}"
+    );
+    assert!(
+        pods.contains("10.244.1.5") && pods.contains("node-a"),
+        "{pods}"
+    );
+
+    // A running pod is deleted gracefully: it stays, marked, until its node agent
+    // (or a forced delete) removes it; the finalizer holds it after that too.
+    cp.kubectl_ok(&["delete", "pod", "runner", "--wait=false"]);
+    let marked = cp.kubectl_ok(&[
+        "get",
+        "pod",
+        "runner",
+        "-o",
+        "jsonpath={.metadata.deletionTimestamp} {.metadata.deletionGracePeriodSeconds}",
+    ]);
+    assert!(marked.ends_with(" 30"), "{marked}");
+    assert!(cp.kubectl_ok(&["get", "pods"]).contains("Terminating"));
+    cp.kubectl_ok(&[
+        "delete",
+        "pod",
+        "runner",
+        "--grace-period=0",
+        "--force",
+        "--wait=false",
+    ]);
+    assert!(
+        cp.kubectl(&["get", "pod", "runner"]).status.success(),
+        "the finalizer keeps it"
+    );
+    cp.kubectl_ok(&[
+        "patch",
+        "pod",
+        "runner",
+        "--type=json",
+        "-p",
+        "[{\"op\":\"remove\",\"path\":\"/metadata/finalizers\"}]",
+    ]);
+    let gone = Instant::now() + Duration::from_secs(5);
+    while cp.kubectl(&["get", "pod", "runner"]).status.success() {
+        assert!(
+            Instant::now() < gone,
+            "pod still there after its last finalizer went"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // deletecollection with a label selector removes exactly the selected objects.
+    for (name, team) in [("a", "red"), ("b", "red"), ("c", "blue")] {
+        let cm = format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  labels:\n    team: {team}\n");
+        assert!(cp
+            .kubectl_stdin(&["apply", "-f", "-"], Some(&cm))
+            .status
+            .success());
+    }
+    let (code, body) = cp.curl(
+        "DELETE",
+        "/api/v1/namespaces/default/configmaps?labelSelector=team%3Dred",
+        "application/json",
+        None,
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        cp.kubectl_ok(&["get", "cm", "-o", "name"]).trim(),
+        "configmap/c"
+    );
+}

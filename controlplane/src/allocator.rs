@@ -75,8 +75,8 @@ impl Bitmap {
 }
 
 /// Service ClusterIPs from an IPv4 CIDR. The network and broadcast addresses
-/// are never handed out; the first usable one is kept for the `kubernetes`
-/// service (only `allocate_specific` gives it).
+/// are never handed out; the first usable one, which the `kubernetes` service
+/// takes with `allocate_specific`, is the last `allocate_next` reaches.
 #[derive(Debug, Clone)]
 pub struct IpAllocator {
     cidr: Ipv4Net,
@@ -209,7 +209,7 @@ mod tests {
     fn ip_allocator_skips_reserved_and_exhausts() {
         let mut a = IpAllocator::new("10.96.0.0/29".parse().unwrap());
         assert_eq!(a.first_usable(), Ipv4Addr::new(10, 96, 0, 1));
-        let got: Vec<Ipv4Addr> = (0..5).map(|_| a.allocate_next().unwrap()).collect();
+        let got: Vec<Ipv4Addr> = (0..6).map(|_| a.allocate_next().unwrap()).collect();
         assert_eq!(got[0], Ipv4Addr::new(10, 96, 0, 2));
         assert!(
             got.contains(&Ipv4Addr::new(10, 96, 0, 1)),

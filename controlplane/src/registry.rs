@@ -486,10 +486,7 @@ impl Registry {
             });
         }
         // The last finalizer of an object being deleted is gone: delete it now.
-        if merged.pointer("/metadata/deletionTimestamp").is_some()
-            && finalizers(&merged) == 0
-            && !deleted_by_another_party(res)
-        {
+        if ready_to_remove(res, &merged) {
             self.give_back(claimed);
             let object = self.remove(res, current, &old).await?;
             return Ok(Written {
@@ -847,10 +844,19 @@ fn shortens_grace(obj: &Value, grace: i64) -> bool {
         .is_some_and(|current| grace < current)
 }
 
-/// Objects whose final removal is someone else's job once marked: a pod's node
-/// agent deletes it with grace 0, the namespace finalizer removes namespaces.
-fn deleted_by_another_party(res: &ResourceInfo) -> bool {
-    res.kind == "Pod" || res.kind == "Namespace"
+/// An object marked for deletion whose finalizers are all gone and whose
+/// grace period is over (a running pod keeps its grace period until its node
+/// agent, or a forced delete, sets it to 0; namespaces go through the
+/// namespace finalizer).
+fn ready_to_remove(res: &ResourceInfo, obj: &Value) -> bool {
+    let grace_over = meta(obj)
+        .get("deletionGracePeriodSeconds")
+        .and_then(Value::as_i64)
+        .is_none_or(|g| g == 0);
+    res.kind != "Namespace"
+        && obj.pointer("/metadata/deletionTimestamp").is_some()
+        && finalizers(obj) == 0
+        && grace_over
 }
 
 fn allow_create_on_update(res: &ResourceInfo) -> bool {

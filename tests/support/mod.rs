@@ -1,5 +1,6 @@
 //! Shared pieces of the end-to-end tests: a real `ferry controlplane` process
-//! on a loopback port with its own data directory, removed on drop.
+//! on a loopback port (or on an address inside a network namespace) with its
+//! own data directory, removed on drop.
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::net::TcpListener;
@@ -24,6 +25,10 @@ pub fn free_port() -> u16 {
 pub struct ControlPlane {
     pub dir: tempfile::TempDir,
     pub port: u16,
+    /// The address it listens on and clients dial.
+    pub host: String,
+    /// The network namespace it runs in (`ip netns exec`), when not the caller's.
+    pub netns: Option<String>,
     extra_args: Vec<String>,
     child: Option<Child>,
 }
@@ -37,11 +42,55 @@ impl ControlPlane {
         let mut cp = ControlPlane {
             dir: tempfile::tempdir().expect("temp dir"),
             port: free_port(),
+            host: "127.0.0.1".into(),
+            netns: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
         cp.spawn();
         cp
+    }
+
+    /// Runs the control plane inside network namespace `netns`, listening on
+    /// `ip:6443` (an address of that namespace). kubectl runs there too.
+    pub fn start_in_netns(netns: &str, ip: &str, extra_args: &[&str]) -> ControlPlane {
+        let mut cp = ControlPlane {
+            dir: tempfile::tempdir().expect("temp dir"),
+            port: 6443,
+            host: ip.to_string(),
+            netns: Some(netns.to_string()),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        cp.spawn();
+        cp
+    }
+
+    /// A command for `prog` in the control plane's namespace.
+    fn command(&self, prog: &str) -> Command {
+        match &self.netns {
+            None => Command::new(prog),
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, prog]);
+                c
+            }
+        }
+    }
+
+    /// The server accepts TCP connections (checked from its namespace).
+    fn accepts(&self) -> bool {
+        let addr = format!("{}:{}", self.host, self.port);
+        let connect = move || {
+            Ok(
+                std::net::TcpStream::connect_timeout(&addr.parse()?, Duration::from_millis(500))
+                    .is_ok(),
+            )
+        };
+        match &self.netns {
+            None => connect().unwrap_or(false),
+            Some(ns) => ferry_testkit::run_in_netns(ns, connect).unwrap_or(false),
+        }
     }
 
     pub fn kubeconfig(&self) -> PathBuf {
@@ -55,12 +104,13 @@ impl ControlPlane {
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("controlplane.log")).unwrap();
         let _ = std::fs::remove_file(self.kubeconfig());
-        let child = Command::new(ferry_bin())
+        let child = self
+            .command(ferry_bin())
             .arg("controlplane")
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(format!("{}:{}", self.host, self.port))
             .arg("--kubeconfig-out")
             .arg(self.kubeconfig())
             .args(&self.extra_args)
@@ -75,9 +125,7 @@ impl ControlPlane {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if self.kubeconfig().exists()
-                && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
-            {
+            if self.kubeconfig().exists() && self.accepts() {
                 return;
             }
             if let Some(status) = self
@@ -116,7 +164,8 @@ impl ControlPlane {
 
     pub fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
         use std::io::Write;
-        let mut child = Command::new("kubectl")
+        let mut child = self
+            .command("kubectl")
             .env("KUBECONFIG", self.kubeconfig())
             .env("HOME", self.dir.path())
             .args(args)
@@ -168,7 +217,7 @@ impl ControlPlane {
     }
 
     pub fn url(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("https://{}:{}", self.host, self.port)
     }
 
     pub fn ca_file(&self) -> PathBuf {
