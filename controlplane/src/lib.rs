@@ -9,6 +9,7 @@ pub mod allocator;
 pub mod api;
 pub mod auth;
 pub mod cache;
+pub mod controllers;
 pub mod defaults;
 pub mod patch;
 pub mod pki;
@@ -121,6 +122,7 @@ pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
         .bootstrap(Some((advertise, args.listen.port())))
         .await?;
     tokio::spawn(registry.clone().finalize_namespaces());
+    controllers::start(registry.clone());
 
     let mut sans = vec![
         advertise,

@@ -728,7 +728,7 @@ impl Registry {
             let slice = json!({
                 "metadata": {"name": "kubernetes", "namespace": "default",
                              "labels": {"kubernetes.io/service-name": "kubernetes",
-                                        "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}},
+                                        "endpointslice.kubernetes.io/managed-by": "ferry-controlplane"}},
                 "addressType": "IPv4",
                 "endpoints": [{"addresses": [ip.to_string()], "conditions": {"ready": true}}],
                 "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
