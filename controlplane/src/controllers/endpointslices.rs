@@ -5,11 +5,13 @@
 //! around it reacts to every change of a Service, Pod or Node within a few
 //! milliseconds and writes only what differs.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
-use std::time::Duration;
-
+use futures::future::BoxFuture;
+use futures::FutureExt;
 use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use super::{owner_reference, str_at, Controller, ObjectId};
+use crate::api::status::ApiResult;
 
 use crate::cache::CacheEvent;
 use crate::registry::{now_rfc3339, DeleteOptions, Registry, WriteOptions};
@@ -21,12 +23,6 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 const MAX_ENDPOINTS_PER_SLICE: usize = 100;
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
-/// Changes arriving together are handled together.
-const BATCH_WINDOW: Duration = Duration::from_millis(5);
-
-fn str_at<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
-    v.pointer(pointer).and_then(Value::as_str)
-}
 
 fn selector_matches(selector: &Map<String, Value>, pod: &Value) -> bool {
     let labels = pod.pointer("/metadata/labels").and_then(Value::as_object);
@@ -191,60 +187,33 @@ pub fn desired(
     (slices, json!(subsets))
 }
 
-/// Runs the controller until the process stops.
-pub async fn run(registry: Arc<Registry>) {
-    let svc_res = resources::find_kind("Service").unwrap();
-    let mut feed = match registry
-        .cache()
-        .watch_from(registry.cache().revision())
-        .await
-    {
-        Ok(feed) => feed.live,
-        Err(e) => {
-            tracing::error!(error = %e, "endpointslice controller could not start");
-            return;
-        }
-    };
-    // Everything once at start: catches up on changes made while stopped.
-    let mut dirty: HashSet<(String, String)> = registry
-        .cache()
-        .list(&svc_res.key_prefix(), None)
-        .0
-        .iter()
-        .filter_map(|s| service_id(&s.value()))
-        .collect();
-    loop {
-        for (ns, name) in std::mem::take(&mut dirty) {
-            if let Err(e) = reconcile(&registry, &ns, &name).await {
-                tracing::warn!(service = %format!("{ns}/{name}"), error = %e, "endpoints not updated; will retry on the next change");
-            }
-        }
-        match feed.recv().await {
-            Ok(event) => mark_dirty(&registry, &event, &mut dirty),
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                // Missed changes: recompute every service.
-                dirty.extend(
-                    registry
-                        .cache()
-                        .list(&svc_res.key_prefix(), None)
-                        .0
-                        .iter()
-                        .filter_map(|s| service_id(&s.value())),
-                );
-            }
-            Err(_) => return,
-        }
-        let window = tokio::time::sleep(BATCH_WINDOW);
-        tokio::pin!(window);
-        loop {
-            tokio::select! {
-                _ = &mut window => break,
-                event = feed.recv() => match event {
-                    Ok(event) => mark_dirty(&registry, &event, &mut dirty),
-                    Err(_) => break,
-                },
-            }
-        }
+pub struct EndpointSliceController;
+
+impl Controller for EndpointSliceController {
+    type Key = ObjectId;
+    const NAME: &'static str = "endpointslice-controller";
+
+    fn all_keys(&self, registry: &Registry) -> Vec<ObjectId> {
+        let svc_res = resources::find_kind("Service").unwrap();
+        registry
+            .cache()
+            .list(&svc_res.key_prefix(), None)
+            .0
+            .iter()
+            .filter_map(|s| service_id(&s.value()))
+            .collect()
+    }
+
+    fn keys_for(&self, registry: &Registry, event: &CacheEvent, dirty: &mut HashSet<ObjectId>) {
+        mark_dirty(registry, event, dirty)
+    }
+
+    fn reconcile<'a>(
+        &'a self,
+        registry: &'a Registry,
+        key: &'a ObjectId,
+    ) -> BoxFuture<'a, ApiResult<()>> {
+        reconcile(registry, &key.0, &key.1).boxed()
     }
 }
 
@@ -256,7 +225,7 @@ fn service_id(svc: &Value) -> Option<(String, String)> {
 }
 
 /// Which services a change may affect.
-fn mark_dirty(registry: &Registry, event: &CacheEvent, dirty: &mut HashSet<(String, String)>) {
+fn mark_dirty(registry: &Registry, event: &CacheEvent, dirty: &mut HashSet<ObjectId>) {
     let key = &event.object.key;
     let pods_prefix = resources::find_kind("Pod").unwrap().key_prefix();
     let svc_res = resources::find_kind("Service").unwrap();
@@ -379,15 +348,6 @@ async fn reconcile(
     write_endpoints(registry, ep_res, &service, ns, name, subsets).await
 }
 
-fn owner_reference(service: &Value) -> Value {
-    json!([{
-        "apiVersion": "v1", "kind": "Service",
-        "name": str_at(service, "/metadata/name").unwrap_or_default(),
-        "uid": str_at(service, "/metadata/uid").unwrap_or_default(),
-        "controller": true, "blockOwnerDeletion": true,
-    }])
-}
-
 async fn write_slices(
     registry: &Registry,
     slice_res: &'static ResourceInfo,
@@ -438,7 +398,7 @@ async fn write_slices(
                         "generateName": format!("{name}-"), "namespace": ns,
                         "labels": {SERVICE_NAME_LABEL: name, MANAGED_BY_LABEL: MANAGED_BY},
                         "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": now_rfc3339()},
-                        "ownerReferences": owner_reference(service),
+                        "ownerReferences": [owner_reference(service, "v1", "Service")],
                     },
                     "addressType": "IPv4",
                     "endpoints": content.endpoints,
