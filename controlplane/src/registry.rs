@@ -656,6 +656,45 @@ impl Registry {
         Ok(obj.clone())
     }
 
+    /// Assigns a pending pod to a node (the pods/binding subresource's effect):
+    /// sets spec.nodeName, which is otherwise immutable, and PodScheduled=True.
+    pub async fn bind(&self, ns: &str, name: &str, node: &str) -> ApiResult<()> {
+        let res = resources::find_kind("Pod").unwrap();
+        let current = self.get(res, Some(ns), name)?;
+        let mut pod = current.value();
+        if let Some(assigned) = pod
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+        {
+            return Err(ApiError::conflict(
+                res,
+                name,
+                &format!("pod {name} is already assigned to node \"{assigned}\""),
+            ));
+        }
+        pod["spec"]["nodeName"] = json!(node);
+        let mut conditions: Vec<Value> = pod
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| c["type"] != "PodScheduled")
+            .collect();
+        conditions.push(
+            json!({"type": "PodScheduled", "status": "True", "lastTransitionTime": now_rfc3339()}),
+        );
+        pod["status"]["conditions"] = json!(conditions);
+        let rev = self
+            .cache
+            .store()
+            .update(&current.key, encode(&pod), current.revision)
+            .await
+            .map_err(|e| store_error(res, name, e))?;
+        self.committed(&current.key, rev).await.map(|_| ())
+    }
+
     /// Lists objects of a type matching a label selector, for deletecollection
     /// and the namespace finalizer.
     pub fn select(

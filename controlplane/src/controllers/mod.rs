@@ -10,6 +10,7 @@ pub mod deployments;
 pub mod endpointslices;
 pub mod garbage;
 pub mod replicasets;
+pub mod scheduler;
 
 use std::collections::HashSet;
 use std::fmt::Debug;
@@ -148,5 +149,6 @@ pub fn start(registry: Arc<Registry>) {
     ));
     tokio::spawn(run(garbage::GarbageCollector, registry.clone()));
     tokio::spawn(run(replicasets::ReplicaSetController, registry.clone()));
-    tokio::spawn(run(deployments::DeploymentController, registry));
+    tokio::spawn(run(deployments::DeploymentController, registry.clone()));
+    tokio::spawn(run(scheduler::Scheduler, registry));
 }
