@@ -11,6 +11,7 @@ pub mod auth;
 pub mod cache;
 pub mod controllers;
 pub mod defaults;
+pub mod nodeipam;
 pub mod patch;
 pub mod pki;
 pub mod printers;
@@ -54,6 +55,12 @@ pub struct ControlPlaneArgs {
     /// Range node ports are allocated from, as FIRST-LAST.
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
     pub service_node_port_range: (u16, u16),
+    /// Range pod CIDRs of nodes are carved from.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    pub cluster_cidr: ipnet::IpNet,
+    /// Prefix length of each node's pod CIDR.
+    #[arg(long, default_value_t = 24)]
+    pub node_cidr_mask_size: u8,
     /// How many recent changes the watch cache keeps for resuming watches.
     #[arg(long, default_value_t = 10_000)]
     pub watch_cache_size: usize,
@@ -106,6 +113,8 @@ fn tls_config(creds: &pki::Credentials) -> anyhow::Result<tokio_rustls::TlsAccep
 
 /// Runs the API server until the process is stopped.
 pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
+    let node_cidrs = nodeipam::NodeCidrAllocator::new(args.cluster_cidr, args.node_cidr_mask_size)
+        .map_err(|e| anyhow::anyhow!("--cluster-cidr/--node-cidr-mask-size: {e}"))?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
     let store = store::SqliteStore::open(&args.data_dir.join("state.db"))
@@ -122,7 +131,7 @@ pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
         .bootstrap(Some((advertise, args.listen.port())))
         .await?;
     tokio::spawn(registry.clone().finalize_namespaces());
-    controllers::start(registry.clone());
+    controllers::start(registry.clone(), node_cidrs);
 
     let mut sans = vec![
         advertise,

@@ -10,7 +10,9 @@ use ipnet::IpNet;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NodeIpamError {
-    #[error("node CIDR mask size /{mask} does not fit cluster CIDR {cluster} (need {min}..={max})")]
+    #[error(
+        "node CIDR mask size /{mask} does not fit cluster CIDR {cluster} (need {min}..={max})"
+    )]
     BadMask {
         cluster: IpNet,
         mask: u8,
@@ -26,7 +28,11 @@ pub enum NodeIpamError {
         total: u128,
     },
     #[error("{cidr} is not a /{mask} node CIDR inside cluster CIDR {cluster}")]
-    NotInCluster { cidr: IpNet, cluster: IpNet, mask: u8 },
+    NotInCluster {
+        cidr: IpNet,
+        cluster: IpNet,
+        mask: u8,
+    },
     #[error("{0} is already allocated")]
     AlreadyAllocated(IpNet),
 }
@@ -173,6 +179,16 @@ impl NodeCidrAllocator {
         Ok(())
     }
 
+    /// Replaces what is in use with `cidrs` (the CIDRs stored Nodes hold),
+    /// keeping the rotating start; returns the CIDRs that could not be taken.
+    pub fn set_used(&mut self, cidrs: impl IntoIterator<Item = IpNet>) -> Vec<NodeIpamError> {
+        self.used.clear();
+        cidrs
+            .into_iter()
+            .filter_map(|c| self.mark_used(c).err())
+            .collect()
+    }
+
     /// True when `cidr` is allocated.
     pub fn is_used(&self, cidr: IpNet) -> bool {
         self.index(cidr).is_ok_and(|i| self.used.contains(&i))
@@ -254,9 +270,17 @@ mod tests {
     #[test]
     fn rejects_foreign_or_misaligned_cidrs() {
         let mut a = NodeCidrAllocator::new(net("10.244.0.0/16"), 24).unwrap();
-        for bad in ["10.245.0.0/24", "10.244.1.0/25", "10.244.1.5/24", "fd00::/120"] {
+        for bad in [
+            "10.245.0.0/24",
+            "10.244.1.0/25",
+            "10.244.1.5/24",
+            "fd00::/120",
+        ] {
             assert!(
-                matches!(a.mark_used(net(bad)), Err(NodeIpamError::NotInCluster { .. })),
+                matches!(
+                    a.mark_used(net(bad)),
+                    Err(NodeIpamError::NotInCluster { .. })
+                ),
                 "{bad}"
             );
             assert!(a.release(net(bad)).is_err(), "{bad}");

@@ -9,6 +9,7 @@
 pub mod deployments;
 pub mod endpointslices;
 pub mod garbage;
+pub mod node_cidrs;
 pub mod replicasets;
 pub mod scheduler;
 
@@ -142,7 +143,11 @@ pub fn owned_by(obj: &Value, uid: &str) -> bool {
 }
 
 /// Starts every controller.
-pub fn start(registry: Arc<Registry>) {
+pub fn start(registry: Arc<Registry>, node_cidrs: crate::nodeipam::NodeCidrAllocator) {
+    tokio::spawn(run(
+        node_cidrs::NodeCidrController::new(node_cidrs),
+        registry.clone(),
+    ));
     tokio::spawn(run(
         endpointslices::EndpointSliceController,
         registry.clone(),
