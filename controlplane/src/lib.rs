@@ -61,6 +61,12 @@ pub struct ControlPlaneArgs {
     /// Prefix length of each node's pod CIDR.
     #[arg(long, default_value_t = 24)]
     pub node_cidr_mask_size: u8,
+    /// A node silent this long (seconds) becomes NotReady and is tainted unreachable.
+    #[arg(long, default_value_t = 40)]
+    pub node_monitor_grace_period: i64,
+    /// Pods on an unreachable node are evicted this long (seconds) after it was marked.
+    #[arg(long, default_value_t = 300)]
+    pub pod_eviction_timeout: i64,
     /// How many recent changes the watch cache keeps for resuming watches.
     #[arg(long, default_value_t = 10_000)]
     pub watch_cache_size: usize,
@@ -131,7 +137,11 @@ pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
         .bootstrap(Some((advertise, args.listen.port())))
         .await?;
     tokio::spawn(registry.clone().finalize_namespaces());
-    controllers::start(registry.clone(), node_cidrs);
+    let lifecycle = controllers::node_lifecycle::LifecycleConfig {
+        grace: chrono::Duration::seconds(args.node_monitor_grace_period),
+        eviction_timeout: chrono::Duration::seconds(args.pod_eviction_timeout),
+    };
+    controllers::start(registry.clone(), node_cidrs, lifecycle);
 
     let mut sans = vec![
         advertise,

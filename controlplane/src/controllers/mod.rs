@@ -10,6 +10,7 @@ pub mod deployments;
 pub mod endpointslices;
 pub mod garbage;
 pub mod node_cidrs;
+pub mod node_lifecycle;
 pub mod replicasets;
 pub mod scheduler;
 
@@ -143,11 +144,16 @@ pub fn owned_by(obj: &Value, uid: &str) -> bool {
 }
 
 /// Starts every controller.
-pub fn start(registry: Arc<Registry>, node_cidrs: crate::nodeipam::NodeCidrAllocator) {
+pub fn start(
+    registry: Arc<Registry>,
+    node_cidrs: crate::nodeipam::NodeCidrAllocator,
+    lifecycle: node_lifecycle::LifecycleConfig,
+) {
     tokio::spawn(run(
         node_cidrs::NodeCidrController::new(node_cidrs),
         registry.clone(),
     ));
+    tokio::spawn(node_lifecycle::run(registry.clone(), lifecycle));
     tokio::spawn(run(
         endpointslices::EndpointSliceController,
         registry.clone(),
