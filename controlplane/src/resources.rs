@@ -8,6 +8,8 @@
 pub enum Subresource {
     Status,
     Scale,
+    /// A pod's container output, proxied from its node agent.
+    Log,
 }
 
 impl Subresource {
@@ -15,6 +17,7 @@ impl Subresource {
         match s {
             "status" => Some(Subresource::Status),
             "scale" => Some(Subresource::Scale),
+            "log" => Some(Subresource::Log),
             _ => None,
         }
     }
@@ -23,6 +26,7 @@ impl Subresource {
         match self {
             Subresource::Status => "status",
             Subresource::Scale => "scale",
+            Subresource::Log => "log",
         }
     }
 }
@@ -96,6 +100,7 @@ impl ResourceInfo {
 
 const STATUS: &[Subresource] = &[Subresource::Status];
 const STATUS_SCALE: &[Subresource] = &[Subresource::Status, Subresource::Scale];
+const STATUS_LOG: &[Subresource] = &[Subresource::Status, Subresource::Log];
 
 macro_rules! resource {
     ($group:expr, $version:expr, $kind:expr, $plural:expr, $singular:expr, $namespaced:expr, $short:expr, $subs:expr, $gen:expr) => {
@@ -147,7 +152,17 @@ pub static RESOURCES: &[ResourceInfo] = &[
         &[],
         false
     ),
-    resource!("", "v1", "Pod", "pods", "pod", true, &["po"], STATUS, false),
+    resource!(
+        "",
+        "v1",
+        "Pod",
+        "pods",
+        "pod",
+        true,
+        &["po"],
+        STATUS_LOG,
+        false
+    ),
     resource!(
         "",
         "v1",

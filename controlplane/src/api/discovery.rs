@@ -83,6 +83,9 @@ fn subresource_entry(r: &ResourceInfo, sub: Subresource) -> Value {
         "kind": r.kind,
         "verbs": SUBRESOURCE_VERBS,
     });
+    if sub == Subresource::Log {
+        entry["verbs"] = json!(["get"]);
+    }
     if sub == Subresource::Scale {
         entry["group"] = json!("autoscaling");
         entry["version"] = json!("v1");

@@ -104,6 +104,15 @@ pub async fn dispatch(
 ) -> ApiResult<Response<Body>> {
     let encoding = encoding(&req)?;
     match verb {
+        "get" if target.subresource == Some(Subresource::Log) => {
+            super::logs::serve(
+                server,
+                target.namespace.as_deref().unwrap_or("default"),
+                name(&target),
+                &query,
+            )
+            .await
+        }
         "get" => get(server, &target, &query, encoding),
         "list" => list(server, &target, &query, encoding),
         "watch" => watch::serve(server.clone(), target, query, encoding).await,

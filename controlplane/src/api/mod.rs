@@ -3,6 +3,7 @@
 
 mod discovery;
 mod handlers;
+mod logs;
 pub mod status;
 mod watch;
 
