@@ -19,9 +19,18 @@ enum Command {
     Controlplane(ferry_controlplane::ControlPlaneArgs),
     /// Service proxy (kube-proxy replacement): nftables or iptables mode.
     Proxy(ferry_proxy::ProxyArgs),
+    /// Pod network: flannel-compatible VXLAN / host-gw overlay.
+    Overlay(ferry_overlay::OverlayArgs),
+    /// CNI plugin: CNI_* from the environment, network config on stdin, result on stdout.
+    Cni,
 }
 
 fn main() -> anyhow::Result<()> {
+    // A container runtime runs CNI plugins with no arguments, by file name
+    // (/opt/cni/bin/ferry): answer as the plugin then.
+    if std::env::args().len() == 1 && std::env::var_os("CNI_COMMAND").is_some() {
+        std::process::exit(ferry_overlay::cni_main());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -33,5 +42,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Controlplane(args) => runtime.block_on(ferry_controlplane::run(args)),
         Command::Proxy(args) => runtime.block_on(ferry_proxy::run(args)),
+        Command::Overlay(args) => runtime.block_on(ferry_overlay::run(args)),
+        Command::Cni => std::process::exit(ferry_overlay::cni_main()),
     }
 }

@@ -61,7 +61,7 @@ impl Bitmap {
         for step in 0..self.size {
             let i = (self.next + step) % self.size;
             // Skip whole words that are full.
-            if i % 64 == 0 && self.words[i / 64] == u64::MAX && i + 64 <= self.size {
+            if i.is_multiple_of(64) && self.words[i / 64] == u64::MAX && i + 64 <= self.size {
                 continue;
             }
             if !self.get(i) {

@@ -53,6 +53,13 @@ pub struct WriteOptions {
     pub field_validation: FieldValidation,
 }
 
+/// A PATCH request's body and how to apply it.
+#[derive(Debug, Clone, Copy)]
+pub struct PatchRequest<'a> {
+    pub patch_type: PatchType,
+    pub body: &'a Value,
+}
+
 /// The outcome of a write: the object as stored, and warnings for the client.
 #[derive(Debug)]
 pub struct Written {
@@ -523,11 +530,14 @@ impl Registry {
         res: &'static ResourceInfo,
         ns: Option<&str>,
         name: &str,
-        patch_type: PatchType,
-        patch_body: &Value,
+        patch: PatchRequest<'_>,
         sub: Option<Subresource>,
         opts: WriteOptions,
     ) -> ApiResult<Written> {
+        let PatchRequest {
+            patch_type,
+            body: patch_body,
+        } = patch;
         let pinned = patch_body
             .pointer("/metadata/resourceVersion")
             .and_then(Value::as_str)
@@ -939,10 +949,8 @@ fn prepare_create(res: &ResourceInfo, obj: &mut Value) {
             obj["status"] = json!({});
         }
         "Namespace" => obj["status"] = json!({"phase": "Active"}),
-        "Pod" => {
-            if obj.pointer("/status/phase").is_none() {
-                obj["status"] = json!({"phase": "Pending"});
-            }
+        "Pod" if obj.pointer("/status/phase").is_none() => {
+            obj["status"] = json!({"phase": "Pending"});
         }
         _ => {}
     }

@@ -15,7 +15,9 @@ use super::{bytes_response, json_response, read_body, watch, ApiServer, Body, Qu
 use crate::cache::CachedObject;
 use crate::patch::PatchType;
 use crate::printers;
-use crate::registry::{scale_of, DeleteOptions, FieldValidation, WriteOptions, Written};
+use crate::registry::{
+    scale_of, DeleteOptions, FieldValidation, PatchRequest, WriteOptions, Written,
+};
 use crate::resources::{ResourceInfo, Subresource};
 use crate::selector::{self, FieldSelector, LabelSelector};
 
@@ -412,8 +414,10 @@ async fn patch(
             target.res,
             target.namespace.as_deref(),
             name(target),
-            patch_type,
-            &patch_body,
+            PatchRequest {
+                patch_type,
+                body: &patch_body,
+            },
             target.subresource,
             opts,
         )

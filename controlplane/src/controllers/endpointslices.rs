@@ -72,6 +72,14 @@ fn resolve_target_port(service_port: &Value, pod: &Value) -> Option<i64> {
         .and_then(|p| p.get("containerPort")?.as_i64())
 }
 
+/// One subset of the legacy Endpoints object.
+#[derive(Debug, Default)]
+struct Subset {
+    ports: Vec<Value>,
+    ready: Vec<Value>,
+    not_ready: Vec<Value>,
+}
+
 /// One slice's worth of content, before naming.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SliceContent {
@@ -96,7 +104,7 @@ pub fn desired(
         .unwrap_or(false);
     // Pods whose named ports resolve differently land in different slices.
     let mut by_ports: BTreeMap<String, (Vec<Value>, Vec<Value>)> = BTreeMap::new();
-    let mut subsets: BTreeMap<String, (Vec<Value>, Vec<Value>, Vec<Value>)> = BTreeMap::new();
+    let mut subsets: BTreeMap<String, Subset> = BTreeMap::new();
     for pod in pods {
         let Some(ip) = str_at(pod, "/status/podIP").filter(|ip| !ip.is_empty()) else {
             continue;
@@ -146,17 +154,18 @@ pub fn desired(
         entry.1.push(endpoint);
         // Legacy Endpoints: ready addresses, not-ready ones, terminating ones left out.
         if !terminating {
-            let subset = subsets
-                .entry(key)
-                .or_insert_with(|| (ports, Vec::new(), Vec::new()));
+            let subset = subsets.entry(key).or_insert_with(|| Subset {
+                ports,
+                ..Subset::default()
+            });
             let mut address = json!({"ip": ip, "targetRef": target_ref});
             if !node.is_empty() {
                 address["nodeName"] = json!(node);
             }
             if ready {
-                subset.1.push(address);
+                subset.ready.push(address);
             } else {
-                subset.2.push(address);
+                subset.not_ready.push(address);
             }
         }
     }
@@ -172,16 +181,16 @@ pub fn desired(
     }
     let subsets: Vec<Value> = subsets
         .into_values()
-        .filter(|(_, ready, not_ready)| !ready.is_empty() || !not_ready.is_empty())
-        .map(|(ports, ready, not_ready)| {
-            let mut s = json!({"ports": ports});
-            if !ready.is_empty() {
-                s["addresses"] = json!(ready);
+        .filter(|s| !s.ready.is_empty() || !s.not_ready.is_empty())
+        .map(|s| {
+            let mut subset = json!({"ports": s.ports});
+            if !s.ready.is_empty() {
+                subset["addresses"] = json!(s.ready);
             }
-            if !not_ready.is_empty() {
-                s["notReadyAddresses"] = json!(not_ready);
+            if !s.not_ready.is_empty() {
+                subset["notReadyAddresses"] = json!(s.not_ready);
             }
-            s
+            subset
         })
         .collect();
     (slices, json!(subsets))

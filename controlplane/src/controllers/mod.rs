@@ -6,6 +6,7 @@
 //! reconciled in small batches, a failed key is retried after a back-off, and a
 //! periodic full pass repairs anything a missed event left behind.
 
+pub mod daemonsets;
 pub mod deployments;
 pub mod endpointslices;
 pub mod garbage;
@@ -161,5 +162,6 @@ pub fn start(
     tokio::spawn(run(garbage::GarbageCollector, registry.clone()));
     tokio::spawn(run(replicasets::ReplicaSetController, registry.clone()));
     tokio::spawn(run(deployments::DeploymentController, registry.clone()));
+    tokio::spawn(run(daemonsets::DaemonSetController, registry.clone()));
     tokio::spawn(run(scheduler::Scheduler, registry));
 }

@@ -200,6 +200,32 @@ fn selector_matches(pod: &Value, node: &Value) -> bool {
         .all(|(k, v)| label(node, k) == v.as_str())
 }
 
+/// The first NoSchedule/NoExecute taint the pod does not tolerate, ignoring
+/// taints with the keys in `ignored`.
+fn untolerated_taint<'a>(pod: &Value, node: &'a Value, ignored: &[&str]) -> Option<&'a Value> {
+    node.pointer("/spec/taints")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|t| !ignored.contains(&t["key"].as_str().unwrap_or_default()))
+        .find(|t| {
+            matches!(t["effect"].as_str(), Some("NoSchedule" | "NoExecute")) && !tolerates(pod, t)
+        })
+}
+
+/// Whether a DaemonSet pod belongs on `node`: placement rules only, no
+/// readiness or resources — daemon pods tolerate unreachable and not-ready
+/// nodes, as kube's DaemonSet controller adds those tolerations.
+pub fn node_eligible(pod: &Value, node: &Value) -> bool {
+    const DAEMON_TOLERATED: &[&str] = &[
+        "node.kubernetes.io/unreachable",
+        "node.kubernetes.io/not-ready",
+    ];
+    selector_matches(pod, node)
+        && affinity_matches(pod, node)
+        && untolerated_taint(pod, node, DAEMON_TOLERATED).is_none()
+}
+
 /// Why a node was rejected, in kube-scheduler's words.
 fn rejection(pod: &Value, node: &Value, used: Resources) -> Option<String> {
     if !node_ready(node) {
@@ -211,15 +237,7 @@ fn rejection(pod: &Value, node: &Value, used: Resources) -> Option<String> {
     if !selector_matches(pod, node) || !affinity_matches(pod, node) {
         return Some("node(s) didn't match Pod's node affinity/selector".into());
     }
-    let untolerated = node
-        .pointer("/spec/taints")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .find(|t| {
-            matches!(t["effect"].as_str(), Some("NoSchedule" | "NoExecute")) && !tolerates(pod, t)
-        });
-    if let Some(t) = untolerated {
+    if let Some(t) = untolerated_taint(pod, node, &[]) {
         return Some(format!(
             "node(s) had untolerated taint {{{}: {}}}",
             t["key"].as_str().unwrap_or_default(),
