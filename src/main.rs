@@ -23,6 +23,13 @@ enum Command {
     Overlay(ferry_overlay::OverlayArgs),
     /// CNI plugin: CNI_* from the environment, network config on stdin, result on stdout.
     Cni,
+    /// Node agent: registers its Node and runs the pods bound to it as processes.
+    Node(ferry_node::NodeArgs),
+    /// A whole multi-node cluster on this machine, nodes as network namespaces.
+    Cluster {
+        #[command(subcommand)]
+        command: ferry_cluster::ClusterCommand,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,5 +51,7 @@ fn main() -> anyhow::Result<()> {
         Command::Proxy(args) => runtime.block_on(ferry_proxy::run(args)),
         Command::Overlay(args) => runtime.block_on(ferry_overlay::run(args)),
         Command::Cni => std::process::exit(ferry_overlay::cni_main()),
+        Command::Node(args) => runtime.block_on(ferry_node::run(args)),
+        Command::Cluster { command } => runtime.block_on(ferry_cluster::run(command)),
     }
 }
