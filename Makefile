@@ -1,12 +1,13 @@
 # Ferry — set-up and everyday commands. Each target installs what it needs.
 SHELL := /bin/bash
 CARGO ?= cargo
-DEMO_DIR ?= /tmp/ferry-demo
+DEMO_DIR ?= /var/lib/ferry/demo
 
 .PHONY: deps build test demo demo-down bench lint
 
 # Debian packages the tests, the demo and the benchmarks use; installed when missing.
-APT_PACKAGES := nftables iptables iproute2 conntrack curl iperf3 clang-19 libbpf-dev linux-libc-dev procps
+APT_PACKAGES := nftables iptables iproute2 conntrack curl iperf3 clang-19 libbpf-dev linux-libc-dev procps \
+	nginx-light redis-server python3
 
 deps:
 	@scripts/install-deps.sh $(APT_PACKAGES)

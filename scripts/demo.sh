@@ -1,41 +1,43 @@
 #!/usr/bin/env bash
-# Starts `ferry controlplane`, applies the example app with kubectl and shows it.
-# `scripts/demo.sh --down DIR` stops it and removes DIR.
+# The main job: a 3-node cluster on this machine (`ferry cluster up`), the seed
+# article's nginx -> app -> redis app on it, and a visit through the NodePort
+# from a client outside the cluster.
+# `scripts/demo.sh --down DIR` removes it all (`ferry cluster down`).
 set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+ferry="$root/target/debug/ferry"
 if [ "${1:-}" = "--down" ]; then
-  dir="$2"
-  [ -f "$dir/pid" ] && kill "$(cat "$dir/pid")" 2>/dev/null || true
-  rm -rf "$dir"
-  echo "ferry demo stopped"
+  "$ferry" cluster down --state-dir "$2"
   exit 0
 fi
 dir="$1"
-root="$(cd "$(dirname "$0")/.." && pwd)"
-ferry="$root/target/debug/ferry"
-[ -f "$dir/pid" ] && kill "$(cat "$dir/pid")" 2>/dev/null || true
-rm -rf "$dir" && mkdir -p "$dir"
-port=16443
-"$ferry" controlplane --data-dir "$dir/data" --listen "127.0.0.1:$port" --kubeconfig-out "$dir/kubeconfig" \
-  >"$dir/controlplane.log" 2>&1 &
-echo $! >"$dir/pid"
-for _ in $(seq 1 100); do
-  [ -f "$dir/kubeconfig" ] && curl -sk "https://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
-  sleep 0.1
-done
-export KUBECONFIG="$dir/kubeconfig"
+if [ -e "$dir/cluster.json" ]; then
+  echo "a demo cluster is already up; removing it first"
+  "$ferry" cluster down --state-dir "$dir"
+fi
+kubeconfig="$("$ferry" cluster up --nodes 3 --name ferry --state-dir "$dir" | tee /dev/stderr | tail -n 1)"
+export KUBECONFIG="$kubeconfig"
 set -x
-kubectl version
-kubectl apply -f "$root/examples/web.yaml"
-kubectl get svc,deploy,cm -o wide
-kubectl get ns
+kubectl get nodes -o wide
+kubectl create configmap app-code --from-file=app.py="$root/examples/demo/app.py"
+kubectl apply -f "$root/examples/demo/three-tier.yaml"
+kubectl rollout status deploy/redis deploy/app deploy/nginx --timeout=180s
+kubectl get svc
+kubectl get pods -o wide
+for _ in 1 2 3; do
+  ip netns exec ferry-client curl -s --max-time 5 http://198.18.0.11:30080/
+done
 set +x
 cat <<TXT
 
-ferry controlplane is running (pid $(cat "$dir/pid"), log: $dir/controlplane.log). Try:
-  export KUBECONFIG=$dir/kubeconfig
-  kubectl get svc web -o yaml          # the allocated clusterIP and nodePort
-  kubectl scale deploy web --replicas=4 && kubectl get deploy web
-  kubectl get cm -w                    # then, in another shell: kubectl create configmap x --from-literal=a=b
-  kubectl delete -f $root/examples/web.yaml
-Stop it with: make demo-down
+The cluster is up: 3 nodes (namespaces ferry-node-1..3), ferry proxy and ferry overlay
+on each, the app behind nginx's NodePort 30080. Try:
+  export KUBECONFIG=$kubeconfig
+  ip netns exec ferry-client curl http://198.18.0.12:30080/     # any node's address works
+  kubectl scale deploy/app --replicas=3 && kubectl get pods -o wide
+  kubectl logs deploy/app
+  kubectl label node ferry-node-2 storage=ssd
+  kubectl patch deploy redis -p '{"spec":{"template":{"spec":{"nodeSelector":{"storage":"ssd"}}}}}'
+  kubectl delete -f $root/examples/demo/three-tier.yaml
+Remove everything with: make demo-down
 TXT

@@ -27,6 +27,8 @@ use state::{ClusterState, NodeRecord};
 const FABRIC_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const PREFIX: u8 = 24;
 const API_PORT: u16 = 6443;
+/// The outside client's address is 198.18.0.(10 + this).
+const CLIENT_INDEX: u8 = 90;
 const PROXY_MANIFEST: &str = include_str!("../../deploy/ferry-proxy.yaml");
 const OVERLAY_MANIFEST: &str = include_str!("../../deploy/ferry-overlay.yaml");
 
@@ -55,7 +57,7 @@ pub struct UpArgs {
     #[command(flatten)]
     pub state: StateArgs,
     /// Number of nodes.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=50))]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=60))]
     pub nodes: u8,
     /// Service proxy mode on every node.
     #[arg(long, default_value = "nftables", value_parser = ["nftables", "iptables"])]
@@ -161,6 +163,23 @@ async fn build(args: &UpArgs, state: &mut ClusterState) -> Result<()> {
         state.nodes.push(node);
         state.save()?;
     }
+
+    // A host outside the cluster on the same underlay, to reach NodePorts from.
+    let client_ns = format!("{}-client", args.name);
+    state.record_netns(&client_ns)?;
+    topology::create_node(
+        &state.fabric_netns,
+        &client_ns,
+        CLIENT_INDEX,
+        node_address(CLIENT_INDEX),
+        PREFIX,
+        FABRIC_IP,
+    )
+    .await?;
+    println!(
+        "client: namespace {client_ns} at {} (outside the cluster)",
+        node_address(CLIENT_INDEX)
+    );
 
     let api = SocketAddr::from((FABRIC_IP, API_PORT));
     let cp_dir = state.dir.join("controlplane");
