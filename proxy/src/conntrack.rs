@@ -3,11 +3,20 @@
 //!
 //! UDP has no connection teardown: an entry keeps steering a client's packets to a
 //! removed endpoint (or, for a service that had none, nowhere) until it times out.
+//!
+//! Two ways to find stale entries:
+//! * after a partial sync, from the diff ([`stale_udp`]): cheap, no listing;
+//! * after the first sync of a process, by listing the UDP table and comparing
+//!   every flow to a service frontend with the endpoints it may use
+//!   ([`reconcile`], like kube-proxy's conntrack reconciler). A restart must not
+//!   flush working flows (they would be re-balanced mid-stream), but must catch
+//!   flows to endpoints removed while the proxy was down.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use crate::datapath::Runner;
-use crate::model::{removed_endpoints, Change, ModelDiff, Protocol, ProxyModel};
+use crate::model::{removed_endpoints, Change, ModelDiff, NodePortAddresses, Protocol, ProxyModel};
 
 /// One `conntrack -D` filter.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -24,6 +33,20 @@ pub enum Deletion {
     Frontend { frontend: Ipv4Addr, port: u16 },
     /// All flows to a NodePort that just got its first endpoints.
     NodePort { node_port: u16 },
+    /// Exactly one flow, by its original tuple.
+    Flow(Flow),
+}
+
+/// The original direction of a UDP conntrack entry and where replies come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Flow {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    /// Source of the reply direction: the endpoint when the flow was DNATed,
+    /// the original destination when it was not.
+    pub reply_src: Ipv4Addr,
 }
 
 impl Deletion {
@@ -65,9 +88,125 @@ impl Deletion {
             Deletion::NodePort { node_port } => {
                 a.extend(["--orig-port-dst".into(), node_port.to_string()]);
             }
+            Deletion::Flow(f) => {
+                a.extend([
+                    "--orig-src".into(),
+                    f.src.to_string(),
+                    "--orig-dst".into(),
+                    f.dst.to_string(),
+                    "--orig-port-src".into(),
+                    f.sport.to_string(),
+                    "--orig-port-dst".into(),
+                    f.dport.to_string(),
+                ]);
+            }
         }
         a
     }
+}
+
+/// Parses `conntrack -L -p udp` output (IPv4 entries; others are skipped).
+pub fn parse_flows(text: &str) -> Vec<Flow> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut src = Vec::new();
+        let mut dst = None;
+        let (mut sport, mut dport) = (None, None);
+        for tok in line.split_whitespace() {
+            let Some((k, v)) = tok.split_once('=') else {
+                continue;
+            };
+            match k {
+                "src" => src.push(v),
+                "dst" if dst.is_none() => dst = Some(v),
+                "sport" if sport.is_none() => sport = v.parse::<u16>().ok(),
+                "dport" if dport.is_none() => dport = v.parse::<u16>().ok(),
+                _ => {}
+            }
+        }
+        let ip = |s: Option<&&str>| s.and_then(|s| s.parse::<Ipv4Addr>().ok());
+        if let (Some(s), Some(d), Some(sp), Some(dp), Some(r)) = (
+            ip(src.first()),
+            ip(dst.as_ref()),
+            sport,
+            dport,
+            ip(src.get(1)),
+        ) {
+            out.push(Flow {
+                src: s,
+                dst: d,
+                sport: sp,
+                dport: dp,
+                reply_src: r,
+            });
+        }
+    }
+    out
+}
+
+/// Flows to a UDP frontend of `model` whose replies do not come from an endpoint
+/// that frontend may use: DNATed to an endpoint that is gone, or not DNATed at
+/// all (made while the service had no rules). Pure.
+pub fn stale_flows(model: &ProxyModel, flows: &[Flow]) -> Vec<Deletion> {
+    let mut frontends: BTreeMap<(Ipv4Addr, u16), BTreeSet<Ipv4Addr>> = BTreeMap::new();
+    let mut node_ports: BTreeMap<u16, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+    for sp in model.services.values() {
+        if sp.name.protocol != Protocol::Udp {
+            continue;
+        }
+        let used: BTreeSet<Ipv4Addr> = sp.all_used_endpoints().iter().map(|e| e.ip).collect();
+        for ip in sp.frontend_ips() {
+            frontends
+                .entry((ip, sp.port))
+                .or_default()
+                .extend(used.iter().copied());
+        }
+        if let Some(np) = sp.node_port {
+            node_ports
+                .entry(np)
+                .or_default()
+                .extend(used.iter().copied());
+        }
+    }
+    // Where NodePorts are served (for All: any address; the port decides).
+    let node_port_addr = |ip: Ipv4Addr| match &model.node_port_addresses {
+        NodePortAddresses::Ips(ips) => ips.contains(&ip),
+        NodePortAddresses::Cidrs(nets) => nets.iter().any(|n| n.contains(&ip)),
+        NodePortAddresses::All => true,
+    };
+    let mut out: Vec<Deletion> = flows
+        .iter()
+        .filter(|f| {
+            if let Some(eps) = frontends.get(&(f.dst, f.dport)) {
+                return !eps.contains(&f.reply_src);
+            }
+            match node_ports.get(&f.dport) {
+                Some(eps) => node_port_addr(f.dst) && !eps.contains(&f.reply_src),
+                None => false,
+            }
+        })
+        .map(|f| Deletion::Flow(*f))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Lists the UDP conntrack table and deletes the flows [`stale_flows`] finds.
+/// Returns how many deletions failed.
+pub fn reconcile(runner: &Runner, model: &ProxyModel) -> usize {
+    let text = match runner.run("conntrack", &["-L", "-p", "udp"]) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!("listing conntrack entries: {e:#}");
+            return 1;
+        }
+    };
+    let stale = stale_flows(model, &parse_flows(&text));
+    if !stale.is_empty() {
+        tracing::debug!(flows = stale.len(), "deleting stale UDP conntrack entries");
+    }
+    apply(runner, &stale)
 }
 
 /// What to delete after moving from `old` to `new` (pure).
@@ -202,6 +341,56 @@ mod tests {
         assert_eq!(
             d[0].args().join(" "),
             "-D -p udp --orig-dst 10.96.0.10 --orig-port-dst 53 --dst-nat 10.244.0.2"
+        );
+    }
+
+    #[test]
+    fn reconcile_keeps_working_flows_and_finds_stale_ones() {
+        let dns = &[("dns", 53, "UDP")];
+        let svcs = [with_node_ports(
+            service("ns", "dns", "10.96.0.10", dns),
+            &[30053],
+        )];
+        let m = build(
+            &svcs,
+            &[slice(
+                "ns",
+                "dns",
+                "s",
+                dns,
+                &[ep("10.244.0.1", ""), ep("10.244.0.2", "")],
+            )],
+            Some(&node("n", &["192.168.1.10"])),
+            &ModelConfig {
+                node_name: "n".into(),
+                ..Default::default()
+            },
+        );
+        let text = "\
+udp      17 29 src=10.0.0.5 dst=10.96.0.10 sport=4000 dport=53 src=10.244.0.1 dst=10.0.0.5 sport=53 dport=4000 [ASSURED] mark=0 use=1
+udp      17 29 src=10.0.0.5 dst=10.96.0.10 sport=4001 dport=53 src=10.244.0.9 dst=10.0.0.5 sport=53 dport=4001 [ASSURED] mark=0 use=1
+udp      17 29 src=10.0.0.5 dst=10.96.0.10 sport=4002 dport=53 [UNREPLIED] src=10.96.0.10 dst=10.0.0.5 sport=53 dport=4002 mark=0 use=1
+udp      17 29 src=10.0.0.6 dst=192.168.1.10 sport=5000 dport=30053 src=10.244.0.2 dst=10.0.0.6 sport=53 dport=5000 mark=0 use=1
+udp      17 29 src=10.0.0.6 dst=192.168.1.10 sport=5001 dport=30053 src=10.244.0.7 dst=10.0.0.6 sport=53 dport=5001 mark=0 use=1
+udp      17 29 src=10.0.0.6 dst=8.8.8.8 sport=5002 dport=30053 src=8.8.8.8 dst=10.0.0.6 sport=30053 dport=5002 mark=0 use=1
+udp      17 29 src=10.0.0.7 dst=10.0.0.8 sport=6000 dport=53 src=10.0.0.8 dst=10.0.0.7 sport=53 dport=6000 mark=0 use=1
+";
+        let flows = parse_flows(text);
+        assert_eq!(flows.len(), 7);
+        let d = stale_flows(&m, &flows);
+        let sports: Vec<u16> = d
+            .iter()
+            .map(|d| match d {
+                Deletion::Flow(f) => f.sport,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        // Gone endpoint, never DNATed, NodePort to a gone endpoint; the rest stay.
+        assert_eq!(sports, vec![4001, 4002, 5001]);
+        assert_eq!(
+            d[0].args().join(" "),
+            "-D -p udp --orig-src 10.0.0.5 --orig-dst 10.96.0.10 \
+             --orig-port-src 4001 --orig-port-dst 53"
         );
     }
 }

@@ -398,7 +398,10 @@ impl SyncLoop {
             }
             seen_warnings.retain(|w| new.warnings.contains(w));
 
-            let full = programmed.is_none() || last_full.elapsed() >= self.cfg.sync_period;
+            // First sync of this process (or recovery): conntrack is reconciled
+            // by listing, since there is no trustworthy "old" model to diff.
+            let fresh = programmed.is_none();
+            let full = fresh || last_full.elapsed() >= self.cfg.sync_period;
             let old = programmed.take().unwrap_or_default();
             let d = model::diff(&old, &new);
             let (res, dp_back, old, new, d) = tokio::task::spawn_blocking(move || {
@@ -442,12 +445,21 @@ impl SyncLoop {
                         }
                     }
                     self.health.updated();
-                    let stale = conntrack::stale_udp(&old, &new, &d);
-                    if !stale.is_empty() {
-                        let runner = self.runner.clone();
-                        let _ =
-                            tokio::task::spawn_blocking(move || conntrack::apply(&runner, &stale))
-                                .await;
+                    if fresh {
+                        let (runner, model) = (self.runner.clone(), new.clone());
+                        let _ = tokio::task::spawn_blocking(move || {
+                            conntrack::reconcile(&runner, &model)
+                        })
+                        .await;
+                    } else {
+                        let stale = conntrack::stale_udp(&old, &new, &d);
+                        if !stale.is_empty() {
+                            let runner = self.runner.clone();
+                            let _ = tokio::task::spawn_blocking(move || {
+                                conntrack::apply(&runner, &stale)
+                            })
+                            .await;
+                        }
                     }
                     self.health.set_health_checks(new.health_checks.clone());
                     hc_servers.reconcile(&self.health).await;

@@ -253,7 +253,8 @@ impl fmt::Display for ModelWarning {
 pub struct HealthCheck {
     pub namespace: String,
     pub name: String,
-    /// Local endpoints summed over the service's ports.
+    /// Distinct ready local endpoints (`ip:port`) over the service's ports, as
+    /// kube-proxy counts them (terminating ones excluded).
     pub local_endpoints: usize,
 }
 
@@ -720,6 +721,7 @@ pub fn build_refs(
 
     let mut model_services = BTreeMap::new();
     let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
+    let mut hc_ready_local: BTreeMap<u16, BTreeSet<(Ipv4Addr, u16)>> = BTreeMap::new();
     for ((ns, name), info) in by_name {
         for mut sp in info.ports {
             let eps: Vec<RawEndpoint> = raw
@@ -736,11 +738,21 @@ pub fn build_refs(
                     local_endpoints: 0,
                 });
                 if e.namespace == ns && e.name == name {
-                    e.local_endpoints += sp.local_endpoints.len();
+                    // kube-proxy counts distinct ready local `ip:port`s over the
+                    // service's ports: serving-but-terminating endpoints do not
+                    // count, so load balancers drain a node whose pods are going.
+                    hc_ready_local.entry(hc).or_default().extend(
+                        eps.iter()
+                            .filter(|r| r.ep.local && r.ready)
+                            .map(|r| (r.ep.ip, r.ep.port)),
+                    );
                 }
             }
             model_services.insert(sp.name.clone(), sp);
         }
+    }
+    for (port, hc) in health_checks.iter_mut() {
+        hc.local_endpoints = hc_ready_local.get(port).map_or(0, |s| s.len());
     }
     warnings.sort();
     warnings.dedup();

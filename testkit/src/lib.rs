@@ -204,6 +204,62 @@ impl Netns {
         })
     }
 
+    /// Starts a TCP server on `addr` that greets every connection with
+    /// "NAME PEER_IP\n" and then echoes what it receives until the peer closes:
+    /// a long-lived connection for tests that must outlive a change.
+    pub fn serve_tcp_echo(&self, addr: &str, name: &str) -> Result<Server> {
+        let addr: SocketAddr = addr.parse()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (s2, name) = (stop.clone(), name.to_string());
+        let handle = self.spawn_thread(move || {
+            let l = TcpListener::bind(addr)?;
+            l.set_nonblocking(true)?;
+            let _ = tx.send(());
+            while !s2.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut s, peer)) => {
+                        let s3 = s2.clone();
+                        let greeting = format!("{name} {}\n", peer.ip());
+                        std::thread::spawn(move || {
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+                            if s.write_all(greeting.as_bytes()).is_err() {
+                                return;
+                            }
+                            let mut buf = [0u8; 4096];
+                            while !s3.load(Ordering::Relaxed) {
+                                match s.read(&mut buf) {
+                                    Ok(0) => return,
+                                    Ok(n) => {
+                                        if s.write_all(&buf[..n]).is_err() {
+                                            return;
+                                        }
+                                    }
+                                    Err(e)
+                                        if matches!(
+                                            e.kind(),
+                                            std::io::ErrorKind::WouldBlock
+                                                | std::io::ErrorKind::TimedOut
+                                        ) => {}
+                                    Err(_) => return,
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                }
+            }
+            Ok(())
+        });
+        rx.recv_timeout(Duration::from_secs(5))
+            .context("tcp echo server did not start")?;
+        Ok(Server {
+            stop,
+            handle: Some(handle),
+        })
+    }
+
     /// Starts a UDP server on `addr` answering every datagram with "NAME PEER_IP\n".
     pub fn serve_udp(&self, addr: &str, name: &str) -> Result<Server> {
         let addr: SocketAddr = addr.parse()?;
@@ -248,6 +304,25 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+    }
+}
+
+/// Runs `f` on a new thread that has entered the named namespace (`ip netns`
+/// name) and returns its result; for callers that hold only the name.
+pub fn run_in_netns<F, R>(name: &str, f: F) -> Result<R>
+where
+    F: FnOnce() -> Result<R> + Send + 'static,
+    R: Send + 'static,
+{
+    let path = format!("/var/run/netns/{name}");
+    match std::thread::spawn(move || {
+        enter_netns(&path)?;
+        f()
+    })
+    .join()
+    {
+        Ok(r) => r,
+        Err(_) => bail!("thread in {name} panicked"),
     }
 }
 
@@ -356,6 +431,51 @@ pub fn udp_request(addr: &str, timeout: Duration) -> std::io::Result<String> {
     let mut buf = [0u8; 1500];
     let n = s.recv(&mut buf)?;
     Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}
+
+/// A plain HTTP/1.1 GET (from the calling thread's namespace); returns the
+/// status code and the body.
+pub fn http_get(addr: &str, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+    let sock: SocketAddr = addr
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut s = TcpStream::connect_timeout(&sock, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, text.clone());
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(bad)?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((code, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 /// Retries `f` until it returns Some or `limit` passes.

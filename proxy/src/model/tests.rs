@@ -467,3 +467,43 @@ fn short_hash_is_stable() {
     assert_ne!(short_hash("ns/web:http/tcp"), short_hash("ns/web:http/udp"));
     assert_eq!(short_hash("x").len(), 13);
 }
+
+/// healthCheckNodePort counts like kube-proxy: distinct ready local `ip:port`s
+/// over all ports; local endpoints that are only serving-terminating count 0
+/// (the load balancer drains the node) although traffic still uses them.
+#[test]
+fn health_check_counts_ready_local_endpoints() {
+    const TWO: &[(&str, u16, &str)] = &[("http", 80, "TCP"), ("dns", 53, "UDP")];
+    let mut svc = with_load_balancer(
+        with_node_ports(service("ns", "lb", "10.96.0.20", TWO), &[30080, 30053]),
+        &["192.0.2.10"],
+    );
+    {
+        let spec = svc.spec.as_mut().unwrap();
+        spec.external_traffic_policy = Some("Local".into());
+        spec.health_check_node_port = Some(32000);
+    }
+    let node = node("node-a", &["192.168.50.2"]);
+    let one_local = [slice(
+        "ns",
+        "lb",
+        "s",
+        TWO,
+        &[ep("10.244.1.1", "node-a"), ep("10.244.2.1", "node-b")],
+    )];
+    let m = build(&[svc.clone()], &one_local, Some(&node), &cfg());
+    // One pod, two ports: kube-proxy counts ip:port, so 2.
+    assert_eq!(m.health_checks[&32000].local_endpoints, 2);
+
+    let terminating = [slice(
+        "ns",
+        "lb",
+        "s",
+        TWO,
+        &[ep("10.244.1.1", "node-a").terminating()],
+    )];
+    let m = build(&[svc], &terminating, Some(&node), &cfg());
+    assert_eq!(m.health_checks[&32000].local_endpoints, 0);
+    let sp = m.services.values().next().unwrap();
+    assert_eq!(sp.local_endpoints.len(), 1, "still served (fallback)");
+}

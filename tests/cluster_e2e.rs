@@ -1,0 +1,193 @@
+//! A whole cluster on one machine (`ferry cluster up`), driven with kubectl
+//! like a user would: the seed demo (nginx -> app -> redis), scaling,
+//! scheduling by labels and taints, and a node going away.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// A cluster made for one test; `ferry cluster down` on drop, even on panic.
+struct Cluster {
+    name: String,
+    state: tempfile::TempDir,
+    kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    fn up(nodes: u8) -> Option<Cluster> {
+        if !ferry_testkit::require_root() {
+            return None;
+        }
+        let name = format!("fe{}", std::process::id() % 100_000);
+        let state = tempfile::tempdir().unwrap();
+        let out = Command::new(support::ferry_bin())
+            .args(["cluster", "up", "--nodes", &nodes.to_string(), "--name", &name, "--state-dir"])
+            .arg(state.path())
+            .output()
+            .unwrap();
+        let mut cluster = Cluster { name, state, kubeconfig: PathBuf::new() };
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "cluster up failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        cluster.kubeconfig = PathBuf::from(stdout.lines().last().unwrap().trim());
+        Some(cluster)
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Output {
+        Command::new("kubectl")
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("HOME", self.state.path())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn kubectl_ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn netns(&self, what: &str) -> String {
+        format!("{}-{what}", self.name)
+    }
+
+    /// An HTTP GET from the client namespace outside the cluster.
+    fn visit(&self, url: &str) -> Option<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.netns("client"), "curl", "-s", "--max-time", "3", url])
+            .output()
+            .ok()?;
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    fn wait_for(&self, what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if check() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        panic!("timed out after {limit:?}: {what}");
+    }
+
+    fn pods(&self, selector: &str) -> Vec<(String, String, String)> {
+        let out = self.kubectl_ok(&[
+            "get", "pods", "-l", selector, "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.status.podIP}{\"\\n\"}{end}",
+        ]);
+        out.lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                Some((f.next()?.to_string(), f.next().unwrap_or("").to_string(), f.next().unwrap_or("").to_string()))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(support::ferry_bin())
+            .args(["cluster", "down", "--state-dir"])
+            .arg(self.state.path())
+            .output();
+    }
+}
+
+fn visit_count(answer: &str) -> Option<u64> {
+    answer.split("visited ").nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
+fn deploy_demo(c: &Cluster) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    c.kubectl_ok(&["create", "configmap", "app-code", &format!("--from-file=app.py={root}/examples/demo/app.py")]);
+    c.kubectl_ok(&["apply", "-f", &format!("{root}/examples/demo/three-tier.yaml")]);
+    c.kubectl_ok(&["rollout", "status", "deploy/redis", "deploy/app", "deploy/nginx", "--timeout=180s"]);
+}
+
+#[test]
+fn demo_scaling_scheduling_and_cleanup() {
+    let Some(c) = Cluster::up(3) else { return };
+    deploy_demo(&c);
+    let svc = c.kubectl_ok(&["get", "svc"]);
+    assert!(svc.starts_with("NAME") && svc.contains("CLUSTER-IP") && svc.contains("80:30080/TCP"), "{svc}");
+    let pods = c.kubectl_ok(&["get", "pods", "-o", "wide"]);
+    assert!(pods.lines().next().unwrap().contains("IP") && pods.contains("NODE"), "{pods}");
+
+    // The counter goes up, through the NodePort of any node.
+    let node_ip = "198.18.0.11";
+    let url = format!("http://{node_ip}:30080/");
+    c.wait_for("the NodePort to answer", Duration::from_secs(30), || c.visit(&url).is_some_and(|a| a.starts_with("Hello World")));
+    let first = visit_count(&c.visit(&url).unwrap()).unwrap();
+    let second = visit_count(&c.visit("http://198.18.0.13:30080/").unwrap()).unwrap();
+    assert!(second > first, "{first} then {second}");
+
+    // Scale the app to 3: answers come from 3 pod IPs on different nodes.
+    c.kubectl_ok(&["scale", "deploy/app", "--replicas=3"]);
+    c.kubectl_ok(&["rollout", "status", "deploy/app", "--timeout=120s"]);
+    let app_pods = c.pods("app=app");
+    let nodes: std::collections::HashSet<_> = app_pods.iter().map(|p| p.1.clone()).collect();
+    assert_eq!(nodes.len(), 3, "spread over the nodes: {app_pods:?}");
+    let mut servers = std::collections::HashSet::new();
+    for _ in 0..60 {
+        if let Some(a) = c.visit(&url) {
+            servers.extend(a.split_whitespace().nth(3).map(str::to_string));
+        }
+        if servers.len() == 3 {
+            break;
+        }
+    }
+    assert_eq!(servers.len(), 3, "answers from {servers:?}");
+
+    // Label a node and give redis a nodeSelector: redis moves there.
+    let target = format!("{}-node-2", c.name);
+    c.kubectl_ok(&["label", "node", &target, "storage=ssd"]);
+    c.kubectl_ok(&["patch", "deploy", "redis", "-p", r#"{"spec":{"template":{"spec":{"nodeSelector":{"storage":"ssd"}}}}}"#]);
+    c.kubectl_ok(&["rollout", "status", "deploy/redis", "--timeout=120s"]);
+    c.wait_for("redis on the labelled node", Duration::from_secs(60), || {
+        let pods = c.pods("app=redis");
+        pods.len() == 1 && pods[0].1 == target
+    });
+
+    // Taint a node NoSchedule: new pods avoid it; untainted, it is used again.
+    let tainted = format!("{}-node-3", c.name);
+    c.kubectl_ok(&["taint", "node", &tainted, "dedicated=db:NoSchedule"]);
+    c.kubectl_ok(&["scale", "deploy/app", "--replicas=6"]);
+    c.kubectl_ok(&["rollout", "status", "deploy/app", "--timeout=120s"]);
+    let on_tainted = c.pods("app=app").iter().filter(|p| p.1 == tainted).count();
+    assert_eq!(on_tainted, 1, "only the pod that was already there");
+    c.kubectl_ok(&["taint", "node", &tainted, "dedicated=db:NoSchedule-"]);
+    c.kubectl_ok(&["scale", "deploy/app", "--replicas=9"]);
+    c.kubectl_ok(&["rollout", "status", "deploy/app", "--timeout=120s"]);
+    assert!(c.pods("app=app").iter().filter(|p| p.1 == tainted).count() > 1);
+
+    // delete -f removes everything, the node's rules included.
+    c.kubectl_ok(&["delete", "-f", &format!("{}/examples/demo/three-tier.yaml", env!("CARGO_MANIFEST_DIR")), "--wait=true"]);
+    c.wait_for("the demo's pods to go", Duration::from_secs(60), || c.pods("app in (app,nginx,redis)").is_empty());
+    let rules = Command::new("ip")
+        .args(["netns", "exec", &c.netns("node-1"), "nft", "list", "table", "ip", "ferry"])
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(!rules.contains("default/nginx") && !rules.contains("10.96.100.20"), "{rules}");
+    assert!(c.visit(&url).is_none(), "the NodePort is gone");
+}
+
+#[test]
+fn cluster_down_leaves_nothing_behind() {
+    let Some(c) = Cluster::up(2) else { return };
+    deploy_demo(&c);
+    let out = Command::new(support::ferry_bin())
+        .args(["cluster", "down", "--state-dir"])
+        .arg(c.state.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let namespaces = String::from_utf8(Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
+    assert!(!namespaces.contains(&format!("{}-", c.name)), "{namespaces}");
+    assert!(!c.state.path().join("cluster.json").exists());
+    let ps = String::from_utf8(Command::new("ps").args(["-eo", "args"]).output().unwrap().stdout).unwrap();
+    assert!(!ps.contains(&c.state.path().display().to_string()), "a process of the cluster survived:\n{ps}");
+}
