@@ -13,11 +13,11 @@ use serde_json::{json, Value};
 use super::deployments::{template_hash, TEMPLATE_HASH_LABEL};
 use super::replicasets::{is_active, owned_pods, pod_from_template};
 use super::scheduler::node_eligible;
-use super::{controller_of, object_id, str_at, Controller, ObjectId};
+use super::{ids_of, object_id, owner_keys, str_at, write_status, Controller, ObjectId};
 use crate::api::status::ApiResult;
 use crate::cache::CacheEvent;
 use crate::registry::{DeleteOptions, Registry, WriteOptions};
-use crate::resources::{self, Subresource};
+use crate::resources;
 
 pub struct DaemonSetController;
 
@@ -140,7 +140,7 @@ async fn update_status(
     desired: usize,
     hash: &str,
 ) -> ApiResult<()> {
-    let (ns, name) = object_id(ds).unwrap_or_default();
+    let (ns, _) = object_id(ds).unwrap_or_default();
     let uid = str_at(ds, "/metadata/uid").unwrap_or_default();
     let pods: Vec<Value> = owned_pods(registry, &ns, uid)
         .into_iter()
@@ -169,23 +169,7 @@ async fn update_status(
         "updatedNumberScheduled": updated,
         "observedGeneration": ds.pointer("/metadata/generation").cloned().unwrap_or(json!(1)),
     });
-    if ds.get("status") == Some(&status) {
-        return Ok(());
-    }
-    let ds_res = resources::find_kind("DaemonSet").unwrap();
-    let mut with_status = ds.clone();
-    with_status["status"] = status;
-    registry
-        .update(
-            ds_res,
-            Some(&ns),
-            &name,
-            with_status,
-            Some(Subresource::Status),
-            WriteOptions::default(),
-        )
-        .await
-        .map(|_| ())
+    write_status(registry, "DaemonSet", ds, status).await
 }
 
 impl Controller for DaemonSetController {
@@ -193,27 +177,15 @@ impl Controller for DaemonSetController {
     const NAME: &'static str = "daemonset-controller";
 
     fn all_keys(&self, registry: &Registry) -> Vec<ObjectId> {
-        let ds = resources::find_kind("DaemonSet").unwrap();
-        registry
-            .cache()
-            .list(&ds.key_prefix(), None)
-            .0
-            .iter()
-            .filter_map(|o| object_id(&o.value()))
-            .collect()
+        ids_of(registry, "DaemonSet")
     }
 
     fn keys_for(&self, registry: &Registry, event: &CacheEvent, dirty: &mut HashSet<ObjectId>) {
-        let ds = resources::find_kind("DaemonSet").unwrap();
-        let pods = resources::find_kind("Pod").unwrap();
         let nodes = resources::find_kind("Node").unwrap();
-        let key = &event.object.key;
-        if key.starts_with(&ds.key_prefix()) {
-            dirty.extend(object_id(&event.object.value()));
-        } else if key.starts_with(&pods.key_prefix()) {
-            dirty.extend(controller_of(&event.object.value(), "DaemonSet"));
-        } else if key.starts_with(&nodes.key_prefix()) {
+        if event.object.key.starts_with(&nodes.key_prefix()) {
             dirty.extend(self.all_keys(registry));
+        } else {
+            owner_keys(event, "DaemonSet", "Pod", dirty);
         }
     }
 

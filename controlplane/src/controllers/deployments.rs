@@ -8,11 +8,13 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde_json::{json, Map, Value};
 
-use super::{controller_of, object_id, owner_reference, str_at, Controller, ObjectId};
+use super::{
+    controller_of, ids_of, owner_keys, owner_reference, str_at, write_status, Controller, ObjectId,
+};
 use crate::api::status::ApiResult;
 use crate::cache::CacheEvent;
 use crate::registry::{DeleteOptions, Registry, WriteOptions};
-use crate::resources::{self, Subresource};
+use crate::resources;
 
 pub struct DeploymentController;
 
@@ -405,25 +407,11 @@ async fn update_deployment(
             )
             .await?;
     }
-    if deploy.get("status") == Some(&status) {
-        return Ok(());
-    }
+    // Re-read: the revision annotation may have just been written.
     let Ok(current) = registry.get(d_res, Some(ns), &name) else {
         return Ok(());
     };
-    let mut with_status = current.value();
-    with_status["status"] = status;
-    registry
-        .update(
-            d_res,
-            Some(ns),
-            &name,
-            with_status,
-            Some(Subresource::Status),
-            WriteOptions::default(),
-        )
-        .await
-        .map(|_| ())
+    write_status(registry, "Deployment", &current.value(), status).await
 }
 
 impl Controller for DeploymentController {
@@ -431,25 +419,11 @@ impl Controller for DeploymentController {
     const NAME: &'static str = "deployment-controller";
 
     fn all_keys(&self, registry: &Registry) -> Vec<ObjectId> {
-        let d = resources::find_kind("Deployment").unwrap();
-        registry
-            .cache()
-            .list(&d.key_prefix(), None)
-            .0
-            .iter()
-            .filter_map(|o| object_id(&o.value()))
-            .collect()
+        ids_of(registry, "Deployment")
     }
 
     fn keys_for(&self, _registry: &Registry, event: &CacheEvent, dirty: &mut HashSet<ObjectId>) {
-        let d = resources::find_kind("Deployment").unwrap();
-        let rs = resources::find_kind("ReplicaSet").unwrap();
-        let obj = event.object.value();
-        if event.object.key.starts_with(&d.key_prefix()) {
-            dirty.extend(object_id(&obj));
-        } else if event.object.key.starts_with(&rs.key_prefix()) {
-            dirty.extend(controller_of(&obj, "Deployment"));
-        }
+        owner_keys(event, "Deployment", "ReplicaSet", dirty)
     }
 
     fn reconcile<'a>(

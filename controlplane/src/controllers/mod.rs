@@ -144,6 +144,66 @@ pub fn owned_by(obj: &Value, uid: &str) -> bool {
         .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid))
 }
 
+/// Every object of `kind`, as (namespace, name).
+pub fn ids_of(registry: &Registry, kind: &str) -> Vec<ObjectId> {
+    let res = crate::resources::find_kind(kind).expect("a served kind");
+    registry
+        .cache()
+        .list(&res.key_prefix(), None)
+        .0
+        .iter()
+        .filter_map(|o| object_id(&o.value()))
+        .collect()
+}
+
+/// The keys of a controller of `owner_kind` objects that also watches the
+/// `child_kind` objects they control: the owner itself, or a child's owner.
+pub fn owner_keys(
+    event: &CacheEvent,
+    owner_kind: &str,
+    child_kind: &str,
+    dirty: &mut HashSet<ObjectId>,
+) {
+    let prefix = |kind| {
+        crate::resources::find_kind(kind)
+            .expect("a served kind")
+            .key_prefix()
+    };
+    let obj = event.object.value();
+    if event.object.key.starts_with(&prefix(owner_kind)) {
+        dirty.extend(object_id(&obj));
+    } else if event.object.key.starts_with(&prefix(child_kind)) {
+        dirty.extend(controller_of(&obj, owner_kind));
+    }
+}
+
+/// Writes `status` through the status subresource unless it is already so.
+pub async fn write_status(
+    registry: &Registry,
+    kind: &str,
+    obj: &Value,
+    status: Value,
+) -> ApiResult<()> {
+    if obj.get("status") == Some(&status) {
+        return Ok(());
+    }
+    let res = crate::resources::find_kind(kind).expect("a served kind");
+    let (ns, name) = object_id(obj).unwrap_or_default();
+    let mut updated = obj.clone();
+    updated["status"] = status;
+    registry
+        .update(
+            res,
+            Some(&ns),
+            &name,
+            updated,
+            Some(crate::resources::Subresource::Status),
+            crate::registry::WriteOptions::default(),
+        )
+        .await
+        .map(|_| ())
+}
+
 /// Starts every controller.
 pub fn start(
     registry: Arc<Registry>,

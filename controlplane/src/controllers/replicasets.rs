@@ -8,11 +8,14 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde_json::{json, Value};
 
-use super::{controller_of, object_id, owned_by, owner_reference, str_at, Controller, ObjectId};
+use super::{
+    ids_of, object_id, owned_by, owner_keys, owner_reference, str_at, write_status, Controller,
+    ObjectId,
+};
 use crate::api::status::ApiResult;
 use crate::cache::CacheEvent;
 use crate::registry::{DeleteOptions, Registry, WriteOptions};
-use crate::resources::{self, Subresource};
+use crate::resources;
 
 pub struct ReplicaSetController;
 
@@ -134,8 +137,7 @@ async fn reconcile(registry: &Registry, ns: &str, name: &str) -> ApiResult<()> {
 }
 
 async fn update_status(registry: &Registry, rs: &Value) -> ApiResult<()> {
-    let rs_res = resources::find_kind("ReplicaSet").unwrap();
-    let (ns, name) = object_id(rs).unwrap_or_default();
+    let (ns, _) = object_id(rs).unwrap_or_default();
     let uid = str_at(rs, "/metadata/uid").unwrap_or_default();
     let min_ready = rs
         .pointer("/spec/minReadySeconds")
@@ -158,22 +160,7 @@ async fn update_status(registry: &Registry, rs: &Value) -> ApiResult<()> {
         "availableReplicas": available,
         "observedGeneration": rs.pointer("/metadata/generation").cloned().unwrap_or(json!(1)),
     });
-    if rs.get("status") == Some(&status) {
-        return Ok(());
-    }
-    let mut updated = rs.clone();
-    updated["status"] = status;
-    registry
-        .update(
-            rs_res,
-            Some(&ns),
-            &name,
-            updated,
-            Some(Subresource::Status),
-            WriteOptions::default(),
-        )
-        .await
-        .map(|_| ())
+    write_status(registry, "ReplicaSet", rs, status).await
 }
 
 impl Controller for ReplicaSetController {
@@ -181,25 +168,11 @@ impl Controller for ReplicaSetController {
     const NAME: &'static str = "replicaset-controller";
 
     fn all_keys(&self, registry: &Registry) -> Vec<ObjectId> {
-        let rs = resources::find_kind("ReplicaSet").unwrap();
-        registry
-            .cache()
-            .list(&rs.key_prefix(), None)
-            .0
-            .iter()
-            .filter_map(|o| object_id(&o.value()))
-            .collect()
+        ids_of(registry, "ReplicaSet")
     }
 
     fn keys_for(&self, _registry: &Registry, event: &CacheEvent, dirty: &mut HashSet<ObjectId>) {
-        let rs = resources::find_kind("ReplicaSet").unwrap();
-        let pods = resources::find_kind("Pod").unwrap();
-        let obj = event.object.value();
-        if event.object.key.starts_with(&rs.key_prefix()) {
-            dirty.extend(object_id(&obj));
-        } else if event.object.key.starts_with(&pods.key_prefix()) {
-            dirty.extend(controller_of(&obj, "ReplicaSet"));
-        }
+        owner_keys(event, "ReplicaSet", "Pod", dirty)
     }
 
     fn reconcile<'a>(
