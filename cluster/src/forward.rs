@@ -16,12 +16,9 @@ pub struct ForwardArgs {
     pub listen: SocketAddr,
     #[arg(long)]
     pub to: SocketAddr,
-}
-
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    /// Where to write the port actually bound (for `--listen 127.0.0.1:0`).
+    #[arg(long)]
+    pub port_file: Option<PathBuf>,
 }
 
 /// Connects to `to` from a socket created inside `netns` (a short-lived
@@ -43,6 +40,12 @@ pub async fn run(args: ForwardArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
+    if let Some(file) = &args.port_file {
+        // Written only once bound, so the port can never be someone else's.
+        let tmp = file.with_extension("tmp");
+        std::fs::write(&tmp, listener.local_addr()?.port().to_string())?;
+        std::fs::rename(&tmp, file)?;
+    }
     loop {
         let (mut client, _) = listener.accept().await?;
         let (netns, to) = (args.netns.clone(), args.to);

@@ -207,12 +207,10 @@ async fn build(args: &UpArgs, state: &mut ClusterState) -> Result<()> {
     })
     .await?;
 
-    let port = if args.api_port == 0 {
-        forward::free_port()?
-    } else {
-        args.api_port
-    };
+    // The forwarder binds (port 0: any free one) and then says which port, so
+    // two clusters on one machine can never end up sharing one.
     let fabric_path = topology::netns_path(&state.fabric_netns);
+    let port_file = state.dir.join("forward.port");
     let pid = topology::spawn_in_root(
         &ferry,
         &[
@@ -221,13 +219,24 @@ async fn build(args: &UpArgs, state: &mut ClusterState) -> Result<()> {
             "--netns".into(),
             fabric_path.display().to_string(),
             "--listen".into(),
-            format!("127.0.0.1:{port}"),
+            format!("127.0.0.1:{}", args.api_port),
             "--to".into(),
             api.to_string(),
+            "--port-file".into(),
+            port_file.display().to_string(),
         ],
         &state.dir.join("forward.log"),
     )?;
     state.record_pid("forward", pid)?;
+    let pf = port_file.clone();
+    wait_until("the API forwarder", Duration::from_secs(10), async || {
+        pf.exists()
+    })
+    .await?;
+    let port: u16 = std::fs::read_to_string(&port_file)?
+        .trim()
+        .parse()
+        .context("reading forward.port")?;
     let admin = std::fs::read_to_string(&node_kubeconfig)?.replace(
         &format!("https://{api}"),
         &format!("https://127.0.0.1:{port}"),
