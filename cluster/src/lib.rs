@@ -202,10 +202,16 @@ async fn build(args: &UpArgs, state: &mut ClusterState) -> Result<()> {
     )?;
     state.record_pid("controlplane", pid)?;
     let kc = node_kubeconfig.clone();
-    wait_until("the control plane", Duration::from_secs(30), async || {
+    wait_until("the control plane", Duration::from_secs(60), async || {
         kc.exists()
     })
-    .await?;
+    .await
+    .with_context(|| {
+        format!(
+            "control plane log:\n{}",
+            log_tail(&state.dir.join("controlplane.log"))
+        )
+    })?;
 
     // The forwarder binds (port 0: any free one) and then says which port, so
     // two clusters on one machine can never end up sharing one.
@@ -323,6 +329,13 @@ async fn build(args: &UpArgs, state: &mut ClusterState) -> Result<()> {
     println!("cluster is up: {want} nodes");
     println!("{}", state.admin_kubeconfig.display());
     Ok(())
+}
+
+/// The last lines of a log, for error messages.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 fn render(manifest: &str, vars: &[(&str, String)]) -> String {
