@@ -63,9 +63,36 @@ pub struct PatchRequest<'a> {
 /// The outcome of a write: the object as stored, and warnings for the client.
 #[derive(Debug)]
 pub struct Written {
-    pub object: Value,
+    pub stored: Stored,
     pub created: bool,
     pub warnings: Vec<String>,
+}
+
+/// The object a write produced: as the cache holds it (already encoded, so a
+/// response needs no re-encoding), or one that was not stored (dry run, no-op,
+/// a subresource view).
+#[derive(Debug)]
+pub enum Stored {
+    Committed(Arc<CachedObject>),
+    Unstored(Value),
+}
+
+impl Written {
+    pub fn object(&self) -> Value {
+        match &self.stored {
+            Stored::Committed(o) => o.value(),
+            Stored::Unstored(v) => v.clone(),
+        }
+    }
+
+    pub fn json(&self) -> Bytes {
+        match &self.stored {
+            Stored::Committed(o) => o.json.clone(),
+            Stored::Unstored(v) => {
+                Bytes::from(serde_json::to_vec(v).expect("a Value always serializes"))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -206,13 +233,24 @@ impl Registry {
     }
 
     async fn committed(&self, key: &str, revision: Revision) -> ApiResult<Value> {
+        self.committed_object(key, revision)
+            .await
+            .map(|o| o.value())
+    }
+
+    /// The object at `key` once the cache reflects `revision` (read-your-writes).
+    async fn committed_object(
+        &self,
+        key: &str,
+        revision: Revision,
+    ) -> ApiResult<Arc<CachedObject>> {
         if !self.cache.wait_for(revision).await {
             return Err(ApiError::timeout(
                 "the write was stored but is not yet visible; retry the read",
             ));
         }
         match self.cache.get(key) {
-            Some(obj) => Ok(obj.value()),
+            Some(obj) => Ok(obj),
             // Deleted again by a concurrent request since: report what was written.
             None => Err(ApiError::internal(format!(
                 "{key} was deleted by a concurrent request"
@@ -397,14 +435,14 @@ impl Registry {
         if opts.dry_run {
             self.give_back(claimed);
             return Ok(Written {
-                object: obj,
+                stored: Stored::Unstored(obj),
                 created: true,
                 warnings,
             });
         }
         match self.cache.store().create(&key, encode(&obj)).await {
             Ok(rev) => Ok(Written {
-                object: self.committed(&key, rev).await?,
+                stored: Stored::Committed(self.committed_object(&key, rev).await?),
                 created: true,
                 warnings,
             }),
@@ -442,7 +480,7 @@ impl Registry {
             target["spec"]["replicas"] = replicas.unwrap_or(json!(0));
             let written = self.replace(res, &current, target, None, opts).await?;
             return Ok(Written {
-                object: scale_of(&written.object),
+                stored: Stored::Unstored(scale_of(&written.object())),
                 ..written
             });
         }
@@ -479,7 +517,7 @@ impl Registry {
         if merged == old {
             self.give_back(claimed);
             return Ok(Written {
-                object: old,
+                stored: Stored::Unstored(old),
                 created: false,
                 warnings,
             });
@@ -487,7 +525,7 @@ impl Registry {
         if opts.dry_run {
             self.give_back(claimed);
             return Ok(Written {
-                object: merged,
+                stored: Stored::Unstored(merged),
                 created: false,
                 warnings,
             });
@@ -497,7 +535,7 @@ impl Registry {
             self.give_back(claimed);
             let object = self.remove(res, current, &old).await?;
             return Ok(Written {
-                object,
+                stored: Stored::Unstored(object),
                 created: false,
                 warnings,
             });
@@ -513,7 +551,7 @@ impl Registry {
                     self.services.release_dropped(&old, &merged);
                 }
                 Ok(Written {
-                    object: self.committed(&current.key, rev).await?,
+                    stored: Stored::Committed(self.committed_object(&current.key, rev).await?),
                     created: false,
                     warnings,
                 })

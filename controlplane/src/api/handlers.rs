@@ -341,7 +341,7 @@ async fn object_body(res: &ResourceInfo, req: Request<Incoming>) -> ApiResult<Va
 }
 
 fn written_response(written: Written, code: u16) -> Response<Body> {
-    let mut resp = json_response(code, &written.object);
+    let mut resp = bytes_response(code, written.json());
     for w in written.warnings {
         if let Ok(v) = HeaderValue::from_str(&format!("299 - {:?}", w)) {
             resp.headers_mut().append("Warning", v);

@@ -222,21 +222,19 @@ async fn reconcile(registry: &Registry, ns: &str, name: &str) -> ApiResult<()> {
                         WriteOptions::default(),
                     )
                     .await?
-                    .object;
+                    .object();
             }
             rs
         }
-        None => {
-            registry
-                .create(
-                    rs_res,
-                    Some(ns),
-                    new_replica_set(&deploy, &hash, max_revision + 1),
-                    WriteOptions::default(),
-                )
-                .await?
-                .object
-        }
+        None => registry
+            .create(
+                rs_res,
+                Some(ns),
+                new_replica_set(&deploy, &hash, max_revision + 1),
+                WriteOptions::default(),
+            )
+            .await?
+            .object(),
     };
     let paused = deploy
         .pointer("/spec/paused")

@@ -154,7 +154,7 @@ async fn mark(
     let written = registry
         .update(res, None, &name, updated, None, WriteOptions::default())
         .await?
-        .object;
+        .object();
     if !unreachable {
         return Ok(());
     }
