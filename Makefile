@@ -7,7 +7,7 @@ DEMO_DIR ?= /var/lib/ferry/demo
 
 # Debian packages the tests, the demo and the benchmarks use; installed when missing.
 APT_PACKAGES := nftables iptables iproute2 conntrack curl iperf3 clang-19 libbpf-dev linux-libc-dev procps \
-	nginx-light redis-server python3
+	nginx-light redis-server python3 fonts-dejavu-core
 
 deps:
 	@scripts/install-deps.sh $(APT_PACKAGES)

@@ -25,6 +25,8 @@ enum Command {
     Cni,
     /// Node agent: registers its Node and runs the pods bound to it as processes.
     Node(ferry_node::NodeArgs),
+    /// Benchmarks: control plane, rule programming, datapath; a report in --out.
+    Bench(ferry_bench::BenchArgs),
     /// A whole multi-node cluster on this machine, nodes as network namespaces.
     Cluster {
         #[command(subcommand)]
@@ -52,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         Command::Overlay(args) => runtime.block_on(ferry_overlay::run(args)),
         Command::Cni => std::process::exit(ferry_overlay::cni_main()),
         Command::Node(args) => runtime.block_on(ferry_node::run(args)),
+        Command::Bench(args) => runtime.block_on(ferry_bench::run(args)),
         Command::Cluster { command } => runtime.block_on(ferry_cluster::run(command)),
     }
 }
