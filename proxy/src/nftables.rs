@@ -5,12 +5,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use std::net::Ipv4Addr;
 
 use anyhow::Context;
 
 use crate::datapath::{Datapath, Runner};
 use crate::model::{
-    short_hash, Endpoint, ModelDiff, NodePortAddresses, ProxyModel, ServicePort, TrafficPolicy,
+    short_hash, Endpoint, ModelDiff, NodePortAddresses, Protocol, ProxyModel, ServicePort,
+    TrafficPolicy,
 };
 
 pub const TABLE: &str = "ferry";
@@ -18,55 +20,118 @@ pub const FAMILY: &str = "ip";
 /// Packet mark bit asking the postrouting chain to masquerade (kube-proxy's value).
 pub const MASQ_MARK: &str = "0x4000";
 
-/// The four verdict maps service ports put elements in.
+/// The named maps and sets service ports put elements in: four verdict maps, the
+/// endpoint-choice (DNAT) maps (one per kind and protocol) and the hairpin set.
+/// Per-service rules use only these named objects: anonymous sets make big kernel
+/// transactions quadratic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum NftMap {
     ServiceIps,
     ServiceNodeports,
     NoEndpointServices,
     NoEndpointNodeports,
+    /// `frontend ip . port . index` → `endpoint ip . port` (ClusterIP: internal
+    /// endpoints; externalIPs/LB IPs: cluster endpoints).
+    ServiceBackends(Protocol),
+    /// externalIPs/LB IPs with externalTrafficPolicy Local → local endpoints.
+    ServiceLocalBackends(Protocol),
+    /// `nodePort . index` → `endpoint ip . port` (cluster endpoints).
+    NodeportBackends(Protocol),
+    /// NodePorts with externalTrafficPolicy Local → local endpoints.
+    NodeportLocalBackends(Protocol),
+    /// `endpoint ip . ClusterIP . proto . port`: an endpoint calling its own service.
+    ServiceHairpin,
 }
+
+const PROTOCOLS: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
 
 impl NftMap {
-    pub const ALL: [NftMap; 4] = [
-        NftMap::ServiceIps,
-        NftMap::ServiceNodeports,
-        NftMap::NoEndpointServices,
-        NftMap::NoEndpointNodeports,
-    ];
-    pub fn name(self) -> &'static str {
+    /// Every map and set, in creation order.
+    pub fn all() -> Vec<NftMap> {
+        let mut v = vec![
+            NftMap::ServiceIps,
+            NftMap::ServiceNodeports,
+            NftMap::NoEndpointServices,
+            NftMap::NoEndpointNodeports,
+        ];
+        for p in PROTOCOLS {
+            v.extend([
+                NftMap::ServiceBackends(p),
+                NftMap::ServiceLocalBackends(p),
+                NftMap::NodeportBackends(p),
+                NftMap::NodeportLocalBackends(p),
+            ]);
+        }
+        v.push(NftMap::ServiceHairpin);
+        v
+    }
+    pub fn name(self) -> String {
         match self {
-            NftMap::ServiceIps => "service-ips",
-            NftMap::ServiceNodeports => "service-nodeports",
-            NftMap::NoEndpointServices => "no-endpoint-services",
-            NftMap::NoEndpointNodeports => "no-endpoint-nodeports",
+            NftMap::ServiceIps => "service-ips".into(),
+            NftMap::ServiceNodeports => "service-nodeports".into(),
+            NftMap::NoEndpointServices => "no-endpoint-services".into(),
+            NftMap::NoEndpointNodeports => "no-endpoint-nodeports".into(),
+            NftMap::ServiceBackends(p) => format!("service-backends-{}", p.as_str()),
+            NftMap::ServiceLocalBackends(p) => format!("service-local-backends-{}", p.as_str()),
+            NftMap::NodeportBackends(p) => format!("nodeport-backends-{}", p.as_str()),
+            NftMap::NodeportLocalBackends(p) => format!("nodeport-local-backends-{}", p.as_str()),
+            NftMap::ServiceHairpin => "service-hairpin".into(),
         }
     }
-    fn key_type(self) -> &'static str {
+    /// `map`/`set` keyword and the declaration inside the braces. The DNAT maps are
+    /// per protocol because their value is typed `ip daddr . <proto> dport`: nft
+    /// 1.0.6 rejects a later rule `meta l4proto udp dnat … map @m` when m's typeof
+    /// value is `th dport` or another protocol's port ("conflicting protocols").
+    fn decl(self) -> (&'static str, String) {
         match self {
-            NftMap::ServiceIps | NftMap::NoEndpointServices => {
-                "ipv4_addr . inet_proto . inet_service"
+            NftMap::ServiceIps | NftMap::NoEndpointServices => (
+                "map",
+                "type ipv4_addr . inet_proto . inet_service : verdict;".into(),
+            ),
+            NftMap::ServiceNodeports | NftMap::NoEndpointNodeports => {
+                ("map", "type inet_proto . inet_service : verdict;".into())
             }
-            NftMap::ServiceNodeports | NftMap::NoEndpointNodeports => "inet_proto . inet_service",
+            NftMap::ServiceBackends(p) | NftMap::ServiceLocalBackends(p) => (
+                "map",
+                format!(
+                    "typeof ip daddr . th dport . numgen random mod 1 : ip daddr . {} dport;",
+                    p.as_str()
+                ),
+            ),
+            NftMap::NodeportBackends(p) | NftMap::NodeportLocalBackends(p) => (
+                "map",
+                format!(
+                    "typeof th dport . numgen random mod 1 : ip daddr . {} dport;",
+                    p.as_str()
+                ),
+            ),
+            NftMap::ServiceHairpin => (
+                "set",
+                "typeof ip saddr . ip daddr . meta l4proto . th dport;".into(),
+            ),
         }
     }
 }
 
-/// One verdict-map element.
+/// One map or set element (`value` is empty for set elements).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Element {
     pub map: NftMap,
     pub key: String,
     pub comment: String,
-    pub verdict: String,
+    pub value: String,
 }
 
 impl Element {
     fn text(&self) -> String {
-        format!(
-            "{} comment \"{}\" : {}",
-            self.key, self.comment, self.verdict
-        )
+        let mut t = self.key.clone();
+        if !self.comment.is_empty() {
+            let _ = write!(t, " comment \"{}\"", self.comment);
+        }
+        if !self.value.is_empty() {
+            let _ = write!(t, " : {}", self.value);
+        }
+        t
     }
 }
 
@@ -78,6 +143,10 @@ pub struct ServiceObjects {
     /// affinity set name → timeout (seconds).
     pub sets: BTreeMap<String, u32>,
     pub elements: BTreeSet<Element>,
+    /// Endpoint-choice chains shared with other service ports (`backends-tcp-3`,
+    /// `local-backends-udp-2`): created when first needed, deleted by a full sync
+    /// once unused, never by a partial one.
+    pub shared_chains: BTreeMap<String, Vec<String>>,
 }
 
 /// A base (node-wide) chain.
@@ -142,6 +211,7 @@ fn base_chains(model: &ProxyModel) -> Vec<BaseChain> {
             name: "services",
             hook: None,
             rules: vec![
+                "ip saddr . ip daddr . meta l4proto . th dport @service-hairpin jump mark-for-masquerade".into(),
                 "ip daddr . meta l4proto . th dport vmap @service-ips".into(),
                 format!("{np}meta l4proto . th dport vmap @service-nodeports"),
             ],
@@ -188,22 +258,19 @@ fn base_names(model: &ProxyModel) -> BTreeSet<String> {
         .iter()
         .map(|c| c.name.to_string())
         .collect();
-    for m in NftMap::ALL {
-        s.insert(m.name().into());
+    for m in NftMap::all() {
+        s.insert(m.name());
     }
     s.insert("cluster-cidrs".into());
     s.insert("nodeport-ips".into());
     s
 }
 
-fn ip_set(ips: &[Endpoint]) -> String {
-    let v: Vec<String> = ips
-        .iter()
-        .map(|e| e.ip.to_string())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    format!("{{ {} }}", v.join(", "))
+/// Where a dispatch rule looks its endpoint up: the frontend IPs (keyed by
+/// `ip daddr . meta l4proto . th dport`) or the NodePort (`meta l4proto . th dport`).
+enum Lookup<'a> {
+    Ips(NftMap, &'a [Ipv4Addr]),
+    NodePort(NftMap, u16),
 }
 
 /// Renders the objects of one service port.
@@ -216,9 +283,14 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
     let ext_chain = format!("ext-{hash}-{readable}");
     let has_cidrs = !model.cluster_cidrs.is_empty();
 
-    // Endpoint selection, inline (numgen → dnat map) or, with affinity, via
-    // per-endpoint chains that remember the client in a timed set.
-    let dispatch = |o: &mut ServiceObjects, prefix: &str, eps: &[Endpoint]| -> Vec<String> {
+    // Endpoint selection: inline for one endpoint, else `numgen` into a named map
+    // keyed by the frontend (one element per frontend and endpoint index). With
+    // affinity, per-endpoint chains remember the client in a timed set.
+    let dispatch = |o: &mut ServiceObjects,
+                    prefix: &str,
+                    eps: &[Endpoint],
+                    lookups: &[Lookup]|
+     -> Vec<String> {
         let mut rules = Vec::new();
         if let Some(timeout) = sp.affinity_timeout {
             let mut targets = Vec::new();
@@ -252,16 +324,52 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
                 eps[0].ip, eps[0].port
             ));
         } else {
-            let arms: Vec<String> = eps
-                .iter()
-                .enumerate()
-                .map(|(i, e)| format!("{i} : {} . {}", e.ip, e.port))
-                .collect();
-            rules.push(format!(
-                "{prefix}meta l4proto {proto} dnat ip to numgen random mod {} map {{ {} }}",
-                eps.len(),
-                arms.join(", ")
-            ));
+            // The lookup rules live in a chain shared by every service port with
+            // the same protocol, endpoint kind and N: the kernel checks each new map
+            // element against every rule using the map, so one rule per service
+            // would make a full sync quadratic again.
+            let n = eps.len();
+            let local = matches!(
+                lookups.first(),
+                Some(Lookup::Ips(NftMap::ServiceLocalBackends(_), _))
+            );
+            let p = sp.name.protocol;
+            let (ip_map, np_map, kind) = if local {
+                (
+                    NftMap::ServiceLocalBackends(p),
+                    NftMap::NodeportLocalBackends(p),
+                    "local-",
+                )
+            } else {
+                (NftMap::ServiceBackends(p), NftMap::NodeportBackends(p), "")
+            };
+            let shared = format!("{kind}backends-{proto}-{n}");
+            o.shared_chains.entry(shared.clone()).or_insert_with(|| {
+                vec![
+                    format!("meta l4proto {proto} dnat ip to ip daddr . th dport . numgen random mod {n} map @{}", ip_map.name()),
+                    format!("meta l4proto {proto} dnat ip to th dport . numgen random mod {n} map @{}", np_map.name()),
+                ]
+            });
+            rules.push(format!("{prefix}jump {shared}"));
+            for l in lookups {
+                let (map, keys): (NftMap, Vec<String>) = match l {
+                    Lookup::Ips(map, ips) => (
+                        *map,
+                        ips.iter().map(|ip| format!("{ip} . {}", sp.port)).collect(),
+                    ),
+                    Lookup::NodePort(map, np) => (*map, vec![np.to_string()]),
+                };
+                for k in keys {
+                    for (i, e) in eps.iter().enumerate() {
+                        o.elements.insert(Element {
+                            map,
+                            key: format!("{k} . {i}"),
+                            comment: String::new(),
+                            value: format!("{} . {}", e.ip, e.port),
+                        });
+                    }
+                }
+            }
         }
         rules
     };
@@ -277,18 +385,29 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
             if has_cidrs {
                 rules.push("ip saddr != @cluster-cidrs jump mark-for-masquerade".to_string());
             }
-            rules.push(format!(
-                "ip saddr {} jump mark-for-masquerade",
-                ip_set(internal)
-            ));
+            // Hairpin: an endpoint calling its own service (rule in `services`).
+            for e in internal {
+                o.elements.insert(Element {
+                    map: NftMap::ServiceHairpin,
+                    key: format!("{} . {}", e.ip, cip_key),
+                    comment: String::new(),
+                    value: String::new(),
+                });
+            }
         }
-        rules.extend(dispatch(&mut o, "", internal));
+        let cip = [sp.cluster_ip];
+        rules.extend(dispatch(
+            &mut o,
+            "",
+            internal,
+            &[Lookup::Ips(NftMap::ServiceBackends(sp.name.protocol), &cip)],
+        ));
         o.chains.insert(svc_chain.clone(), rules);
         o.elements.insert(Element {
             map: NftMap::ServiceIps,
             key: cip_key,
             comment: comment.clone(),
-            verdict: format!("goto {svc_chain}"),
+            value: format!("goto {svc_chain}"),
         });
     } else {
         // No endpoints at all: refuse at once. Endpoints only elsewhere with
@@ -302,19 +421,47 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
             map: NftMap::NoEndpointServices,
             key: cip_key,
             comment: comment.clone(),
-            verdict: verdict.into(),
+            value: verdict.into(),
         });
     }
 
     // External traffic: NodePort, externalIPs, LoadBalancer ingress IPs.
     if sp.has_external() {
         let usable = !sp.cluster_endpoints.is_empty();
+        let ext_ips: Vec<Ipv4Addr> = sp
+            .external_ips
+            .iter()
+            .chain(&sp.load_balancer_ips)
+            .copied()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        // The ext chain is reached from both kinds of frontend; a lookup that
+        // misses (NodePort packet in the IP map or the reverse) does not match.
+        let lookups = |ip_map: NftMap, np_map: NftMap| {
+            let mut l = vec![Lookup::Ips(ip_map, &ext_ips)];
+            if let Some(np) = sp.node_port {
+                l.push(Lookup::NodePort(np_map, np));
+            }
+            l
+        };
+        let p = sp.name.protocol;
+        let cluster_lookups = lookups(NftMap::ServiceBackends(p), NftMap::NodeportBackends(p));
+        let local_lookups = lookups(
+            NftMap::ServiceLocalBackends(p),
+            NftMap::NodeportLocalBackends(p),
+        );
         if usable {
             let mut rules = Vec::new();
             match sp.external_policy {
                 TrafficPolicy::Cluster => {
                     rules.push("jump mark-for-masquerade".to_string());
-                    rules.extend(dispatch(&mut o, "", &sp.cluster_endpoints));
+                    rules.extend(dispatch(
+                        &mut o,
+                        "",
+                        &sp.cluster_endpoints,
+                        &cluster_lookups,
+                    ));
                 }
                 TrafficPolicy::Local => {
                     if has_cidrs {
@@ -323,6 +470,7 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
                             &mut o,
                             "ip saddr @cluster-cidrs ",
                             &sp.cluster_endpoints,
+                            &cluster_lookups,
                         ));
                     }
                     // Traffic from the node itself is masqueraded and may use any endpoint.
@@ -331,11 +479,12 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
                         &mut o,
                         "fib saddr type local ",
                         &sp.cluster_endpoints,
+                        &cluster_lookups,
                     ));
                     if sp.local_endpoints.is_empty() {
                         rules.push("drop".to_string());
                     } else {
-                        rules.extend(dispatch(&mut o, "", &sp.local_endpoints));
+                        rules.extend(dispatch(&mut o, "", &sp.local_endpoints, &local_lookups));
                     }
                 }
             }
@@ -346,17 +495,12 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
         } else {
             (NftMap::NoEndpointServices, "goto reject-chain".to_string())
         };
-        let ips: BTreeSet<_> = sp
-            .external_ips
-            .iter()
-            .chain(&sp.load_balancer_ips)
-            .collect();
-        for ip in ips {
+        for ip in &ext_ips {
             o.elements.insert(Element {
                 map: ip_map,
                 key: format!("{ip} . {proto} . {}", sp.port),
                 comment: comment.clone(),
-                verdict: verdict.clone(),
+                value: verdict.clone(),
             });
         }
         if let Some(np) = sp.node_port {
@@ -368,7 +512,7 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
                 },
                 key: format!("{proto} . {np}"),
                 comment: comment.clone(),
-                verdict,
+                value: verdict,
             });
         }
     }
@@ -421,13 +565,9 @@ pub fn render_table(model: &ProxyModel) -> String {
     }
     let all_elements: BTreeSet<&Element> =
         services.values().flat_map(|s| s.elements.iter()).collect();
-    for m in NftMap::ALL {
-        let _ = write!(
-            out,
-            "\n\tmap {} {{\n\t\ttype {} : verdict;\n",
-            m.name(),
-            m.key_type()
-        );
+    for m in NftMap::all() {
+        let (kind, decl) = m.decl();
+        let _ = write!(out, "\n\t{kind} {} {{\n\t\t{decl}\n", m.name());
         let elems: Vec<&Element> = all_elements
             .iter()
             .copied()
@@ -453,8 +593,10 @@ pub fn render_table(model: &ProxyModel) -> String {
         }
         let _ = writeln!(out, "\t}}");
     }
-    let chains: BTreeMap<&String, &Vec<String>> =
-        services.values().flat_map(|s| s.chains.iter()).collect();
+    let chains: BTreeMap<&String, &Vec<String>> = services
+        .values()
+        .flat_map(|s| s.shared_chains.iter().chain(s.chains.iter()))
+        .collect();
     for (name, rules) in chains {
         let _ = write!(out, "\n\tchain {name} {{\n");
         for r in rules {
@@ -531,13 +673,9 @@ pub fn render_full_transaction(model: &ProxyModel, existing: &Existing) -> Strin
         let c: Vec<String> = ips.iter().map(|c| c.to_string()).collect();
         let _ = writeln!(out, "add element {T} nodeport-ips {{ {} }}", c.join(", "));
     }
-    for m in NftMap::ALL {
-        let _ = writeln!(
-            out,
-            "add map {T} {} {{ type {} : verdict; }}",
-            m.name(),
-            m.key_type()
-        );
+    for m in NftMap::all() {
+        let (kind, decl) = m.decl();
+        let _ = writeln!(out, "add {kind} {T} {} {{ {decl} }}", m.name());
     }
     let mut desired_sets = BTreeSet::new();
     for s in services.values() {
@@ -561,6 +699,7 @@ pub fn render_full_transaction(model: &ProxyModel, existing: &Existing) -> Strin
     }
     let mut all_chains: BTreeMap<&String, &Vec<String>> = BTreeMap::new();
     for s in services.values() {
+        all_chains.extend(s.shared_chains.iter());
         all_chains.extend(s.chains.iter());
     }
     for name in all_chains.keys() {
@@ -568,8 +707,8 @@ pub fn render_full_transaction(model: &ProxyModel, existing: &Existing) -> Strin
         let _ = writeln!(out, "add chain {T} {name}");
     }
     // Flush every map before anything stale is deleted (elements reference chains).
-    for m in NftMap::ALL {
-        let _ = writeln!(out, "flush map {T} {}", m.name());
+    for m in NftMap::all() {
+        let _ = writeln!(out, "flush {} {T} {}", m.decl().0, m.name());
     }
     let stale_chains: Vec<&String> = existing
         .chains
@@ -593,7 +732,7 @@ pub fn render_full_transaction(model: &ProxyModel, existing: &Existing) -> Strin
     }
     let all_elements: BTreeSet<&Element> =
         services.values().flat_map(|s| s.elements.iter()).collect();
-    for m in NftMap::ALL {
+    for m in NftMap::all() {
         let elems: Vec<&Element> = all_elements
             .iter()
             .copied()
@@ -627,9 +766,16 @@ pub fn render_partial_transaction(
     let mut del_sets = BTreeSet::new();
     let mut del_elems: BTreeSet<&Element> = BTreeSet::new();
     let mut add_elems: BTreeSet<&Element> = BTreeSet::new();
+    let mut write_shared: BTreeMap<&String, &Vec<String>> = BTreeMap::new();
     for (old, new) in changes {
         let old = old.unwrap_or(&empty);
         let new = new.unwrap_or(&empty);
+        // Another service port may already use it; rewriting it is harmless.
+        for (c, rules) in &new.shared_chains {
+            if !old.shared_chains.contains_key(c) {
+                write_shared.insert(c, rules);
+            }
+        }
         for (s, t) in &new.sets {
             if !old.sets.contains_key(s) {
                 add_sets.insert(s.clone(), *t);
@@ -665,6 +811,7 @@ pub fn render_partial_transaction(
     del_chains.retain(|c| !write_chains.contains_key(c));
     del_sets.retain(|s| !add_sets.contains_key(s));
     if add_sets.is_empty()
+        && write_shared.is_empty()
         && write_chains.is_empty()
         && del_chains.is_empty()
         && del_sets.is_empty()
@@ -680,15 +827,15 @@ pub fn render_partial_transaction(
             "add set {T} {s} {{ type ipv4_addr; flags dynamic,timeout; timeout {t}s; }}"
         );
     }
-    for (c, rules) in &write_chains {
+    for (c, rules) in write_shared.iter().chain(&write_chains) {
         chain_cmds(&mut out, c, rules);
     }
     // Deletions of keys come first so a key can move to a new verdict or map.
-    for m in NftMap::ALL {
+    for m in NftMap::all() {
         let elems: Vec<&Element> = del_elems.iter().copied().filter(|e| e.map == m).collect();
         add_elements_cmd(&mut out, "delete", m, &elems, false);
     }
-    for m in NftMap::ALL {
+    for m in NftMap::all() {
         let elems: Vec<&Element> = add_elems.iter().copied().filter(|e| e.map == m).collect();
         add_elements_cmd(&mut out, "add", m, &elems, true);
     }
