@@ -89,7 +89,14 @@ fn requests(pod: &Value) -> Resources {
 pub struct Usage {
     pub requested: Resources,
     pub scored: Resources,
+    /// Running pods with the same controller as the pod being placed.
+    pub siblings: i64,
 }
+
+/// Score taken off a node per sibling already on it, so replicas of one
+/// workload spread over nodes (kube's default spreading: SelectorSpread /
+/// PodTopologySpread on hostname).
+const SIBLING_PENALTY: i64 = 100;
 
 const SCORING_DEFAULT: Resources = Resources {
     cpu: 100,
@@ -287,7 +294,7 @@ pub fn choose_node(
         match rejection(pod, node, in_use.requested) {
             Some(why) => *reasons.entry(why).or_default() += 1,
             None => {
-                let s = score(pod, node, in_use.scored);
+                let s = score(pod, node, in_use.scored) - SIBLING_PENALTY * in_use.siblings;
                 if best.is_none_or(|(b, _)| s > b) {
                     best = Some((s, name));
                 }
@@ -310,8 +317,19 @@ pub fn choose_node(
     }
 }
 
-fn usage(registry: &Registry) -> BTreeMap<String, Usage> {
+fn controller_uid(pod: &Value) -> Option<&str> {
+    pod.pointer("/metadata/ownerReferences")?
+        .as_array()?
+        .iter()
+        .find(|o| o["controller"] == true)?
+        .get("uid")?
+        .as_str()
+}
+
+/// What each node's pods take, and how many are siblings of `pod`.
+fn usage(registry: &Registry, pod: &Value) -> BTreeMap<String, Usage> {
     let pods = resources::find_kind("Pod").unwrap();
+    let owner = controller_uid(pod);
     let mut used: BTreeMap<String, Usage> = BTreeMap::new();
     for p in registry.cache().list(&pods.key_prefix(), None).0 {
         let p = p.value();
@@ -325,6 +343,12 @@ fn usage(registry: &Registry) -> BTreeMap<String, Usage> {
             entry.requested.memory += real.memory;
             entry.scored.cpu += scored.cpu;
             entry.scored.memory += scored.memory;
+            if owner.is_some()
+                && controller_uid(&p) == owner
+                && p.pointer("/metadata/deletionTimestamp").is_none()
+            {
+                entry.siblings += 1;
+            }
         }
     }
     used
@@ -353,7 +377,7 @@ async fn reconcile(registry: &Registry, ns: &str, name: &str) -> ApiResult<()> {
         .iter()
         .map(|n| n.value())
         .collect();
-    match choose_node(&pod, &nodes, &usage(registry)) {
+    match choose_node(&pod, &nodes, &usage(registry, &pod)) {
         Ok(node) => registry.bind(ns, name, &node).await,
         Err(why) => mark_unschedulable(registry, &pod, &why).await,
     }
@@ -525,9 +549,42 @@ mod tests {
         let one = Usage {
             requested: Resources::default(),
             scored: requests_with_default(&p, SCORING_DEFAULT),
+            siblings: 0,
         };
         let used = BTreeMap::from([("a".to_string(), one)]);
         assert_eq!(choose_node(&p, &nodes, &used).unwrap(), "b");
+    }
+
+    #[test]
+    fn replicas_spread_even_onto_a_busier_node() {
+        let nodes = vec![
+            node("a", json!({}), json!([]), "4", "8Gi"),
+            node("b", json!({}), json!([]), "4", "8Gi"),
+        ];
+        let p = pod(json!({"containers": [{"name": "c"}]}));
+        let busy = Resources {
+            cpu: 1000,
+            memory: 1073741824 * 1000,
+        };
+        let used = BTreeMap::from([
+            (
+                "a".to_string(),
+                Usage {
+                    requested: busy,
+                    scored: busy,
+                    siblings: 0,
+                },
+            ),
+            (
+                "b".to_string(),
+                Usage {
+                    requested: Resources::default(),
+                    scored: Resources::default(),
+                    siblings: 1,
+                },
+            ),
+        ]);
+        assert_eq!(choose_node(&p, &nodes, &used).unwrap(), "a");
     }
 
     #[test]
@@ -548,6 +605,7 @@ mod tests {
             Usage {
                 requested: taken,
                 scored: taken,
+                siblings: 0,
             },
         )]);
         assert_eq!(choose_node(&p, &nodes, &used).unwrap(), "b");
