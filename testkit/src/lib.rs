@@ -172,24 +172,26 @@ impl Netns {
         }
     }
 
-    /// Starts a TCP server on `addr` answering every connection with "NAME PEER_IP\n".
-    pub fn serve_tcp(&self, addr: &str, name: &str) -> Result<Server> {
+    /// A TCP listener on `addr` inside the namespace, calling `on_conn` with
+    /// each accepted connection (set blocking) until the returned server stops.
+    fn serve_tcp_with(
+        &self,
+        addr: &str,
+        on_conn: impl Fn(TcpStream, SocketAddr, Arc<AtomicBool>) + Send + 'static,
+    ) -> Result<Server> {
         let addr: SocketAddr = addr.parse()?;
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
-        let (s2, name) = (stop.clone(), name.to_string());
+        let s2 = stop.clone();
         let handle = self.spawn_thread(move || {
             let l = TcpListener::bind(addr)?;
             l.set_nonblocking(true)?;
             let _ = tx.send(());
             while !s2.load(Ordering::Relaxed) {
                 match l.accept() {
-                    Ok((mut s, peer)) => {
+                    Ok((s, peer)) => {
                         let _ = s.set_nonblocking(false);
-                        let _ = s.write_all(format!("{name} {}\n", peer.ip()).as_bytes());
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(1))
+                        on_conn(s, peer, s2.clone());
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(1)),
                 }
@@ -204,59 +206,44 @@ impl Netns {
         })
     }
 
+    /// Starts a TCP server on `addr` answering every connection with "NAME PEER_IP\n".
+    pub fn serve_tcp(&self, addr: &str, name: &str) -> Result<Server> {
+        let name = name.to_string();
+        self.serve_tcp_with(addr, move |mut s, peer, _| {
+            let _ = s.write_all(format!("{name} {}\n", peer.ip()).as_bytes());
+        })
+    }
+
     /// Starts a TCP server on `addr` that greets every connection with
     /// "NAME PEER_IP\n" and then echoes what it receives until the peer closes:
     /// a long-lived connection for tests that must outlive a change.
     pub fn serve_tcp_echo(&self, addr: &str, name: &str) -> Result<Server> {
-        let addr: SocketAddr = addr.parse()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (s2, name) = (stop.clone(), name.to_string());
-        let handle = self.spawn_thread(move || {
-            let l = TcpListener::bind(addr)?;
-            l.set_nonblocking(true)?;
-            let _ = tx.send(());
-            while !s2.load(Ordering::Relaxed) {
-                match l.accept() {
-                    Ok((mut s, peer)) => {
-                        let s3 = s2.clone();
-                        let greeting = format!("{name} {}\n", peer.ip());
-                        std::thread::spawn(move || {
-                            let _ = s.set_nonblocking(false);
-                            let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
-                            if s.write_all(greeting.as_bytes()).is_err() {
+        let name = name.to_string();
+        self.serve_tcp_with(addr, move |mut s, peer, stop| {
+            let greeting = format!("{name} {}\n", peer.ip());
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+                if s.write_all(greeting.as_bytes()).is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 4096];
+                while !stop.load(Ordering::Relaxed) {
+                    match s.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).is_err() {
                                 return;
                             }
-                            let mut buf = [0u8; 4096];
-                            while !s3.load(Ordering::Relaxed) {
-                                match s.read(&mut buf) {
-                                    Ok(0) => return,
-                                    Ok(n) => {
-                                        if s.write_all(&buf[..n]).is_err() {
-                                            return;
-                                        }
-                                    }
-                                    Err(e)
-                                        if matches!(
-                                            e.kind(),
-                                            std::io::ErrorKind::WouldBlock
-                                                | std::io::ErrorKind::TimedOut
-                                        ) => {}
-                                    Err(_) => return,
-                                }
-                            }
-                        });
+                        }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(_) => return,
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
                 }
-            }
-            Ok(())
-        });
-        rx.recv_timeout(Duration::from_secs(5))
-            .context("tcp echo server did not start")?;
-        Ok(Server {
-            stop,
-            handle: Some(handle),
+            });
         })
     }
 
