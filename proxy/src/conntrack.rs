@@ -209,14 +209,14 @@ pub fn reconcile(runner: &Runner, model: &ProxyModel) -> usize {
     apply(runner, &stale)
 }
 
-/// What to delete after moving from `old` to `new` (pure).
-pub fn stale_udp(old: &ProxyModel, new: &ProxyModel, diff: &ModelDiff) -> Vec<Deletion> {
+/// What to delete after applying `diff`, which led to `new` (pure).
+pub fn stale_udp(new: &ProxyModel, diff: &ModelDiff) -> Vec<Deletion> {
     let mut out = Vec::new();
     for (k, change) in &diff.changes {
         if k.protocol != Protocol::Udp {
             continue;
         }
-        let o = old.services.get(k);
+        let o = diff.previous.get(k);
         let n = new.services.get(k);
         if let Some(o) = o {
             for e in removed_endpoints(o, n) {
@@ -318,7 +318,7 @@ mod tests {
             None,
             &c,
         );
-        let d = stale_udp(&old, &new, &diff(&old, &new));
+        let d = stale_udp(&new, &diff(&old, &new));
         let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
         assert_eq!(
             d,

@@ -15,14 +15,9 @@ pub trait Datapath: Send {
     /// Programs the whole model, removing anything stale (first sync, periodic
     /// resync, node-wide changes, recovery after a failed partial sync).
     fn sync_full(&mut self, model: &ProxyModel) -> anyhow::Result<()>;
-    /// Applies only the service ports in `diff`; `old` is the last programmed model.
+    /// Applies only the service ports in `diff` (the model after them is `new`).
     /// Implementations fall back to a full sync when they must.
-    fn apply_diff(
-        &mut self,
-        old: &ProxyModel,
-        new: &ProxyModel,
-        diff: &ModelDiff,
-    ) -> anyhow::Result<()>;
+    fn apply_diff(&mut self, new: &ProxyModel, diff: &ModelDiff) -> anyhow::Result<()>;
     /// Removes everything this datapath ever created.
     fn cleanup(&mut self) -> anyhow::Result<()>;
 }

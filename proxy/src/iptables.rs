@@ -481,12 +481,7 @@ impl Datapath for IptablesDatapath {
         Ok(())
     }
 
-    fn apply_diff(
-        &mut self,
-        _old: &ProxyModel,
-        new: &ProxyModel,
-        diff: &ModelDiff,
-    ) -> anyhow::Result<()> {
+    fn apply_diff(&mut self, new: &ProxyModel, diff: &ModelDiff) -> anyhow::Result<()> {
         if self.needs_full || diff.globals_changed {
             return self.sync_full(new);
         }

@@ -336,8 +336,46 @@ fn unix_now() -> f64 {
 }
 
 impl SyncLoop {
+    /// The model changes since the last sync: everything when `full`, else only
+    /// the services the watchers marked.
+    fn model_changes(&self, state: &mut model::ModelState, full: bool) -> ModelDiff {
+        let dirty = std::mem::take(&mut *self.signals.dirty.lock().unwrap());
+        let node = self.caches.node.state().into_iter().next();
+        self.health
+            .set_node_eligible(node_eligible(node.as_deref()));
+        if full || dirty.all {
+            let services = self.caches.services.state();
+            let slices = self.caches.slices.state();
+            let s: Vec<&k8s_openapi::api::core::v1::Service> =
+                services.iter().map(|a| a.as_ref()).collect();
+            let e: Vec<&k8s_openapi::api::discovery::v1::EndpointSlice> =
+                slices.iter().map(|a| a.as_ref()).collect();
+            return state.rebuild(&s, &e, node.as_deref());
+        }
+        let mut d = ModelDiff::default();
+        for key in &dirty.services {
+            let svc = self
+                .caches
+                .services
+                .get(&kube::runtime::reflector::ObjectRef::new(&key.1).within(&key.0));
+            let refs = self.signals.slice_index.lock().unwrap().slices_of(key);
+            let slices: Vec<_> = refs
+                .iter()
+                .filter_map(|r| self.caches.slices.get(r))
+                .collect();
+            let slices: Vec<&k8s_openapi::api::discovery::v1::EndpointSlice> =
+                slices.iter().map(|a| a.as_ref()).collect();
+            d.merge(state.update(key, svc.as_deref(), &slices));
+        }
+        d
+    }
+
     async fn run(self, mut dp: Box<dyn Datapath>) -> anyhow::Result<()> {
-        let mut programmed: Option<ProxyModel> = None;
+        let mut state = model::ModelState::new(self.model_cfg.clone(), None);
+        // Nothing the kernel holds is trusted before a successful full sync; the
+        // UDP conntrack table is reconciled by listing after each such recovery.
+        let mut retry_full = true;
+        let mut reconcile_conntrack = true;
         let mut last_sync_start: Option<Instant> = None;
         let mut last_full = Instant::now();
         let mut hc_servers = health::HealthCheckServers::default();
@@ -377,17 +415,9 @@ impl SyncLoop {
                 std::mem::take(&mut *self.signals.trigger_times.lock().unwrap());
             let start = Instant::now();
             last_sync_start = Some(start);
-            let services = self.caches.services.state();
-            let slices = self.caches.slices.state();
-            let node = self.caches.node.state().into_iter().next();
-            let s: Vec<&k8s_openapi::api::core::v1::Service> =
-                services.iter().map(|a| a.as_ref()).collect();
-            let e: Vec<&k8s_openapi::api::discovery::v1::EndpointSlice> =
-                slices.iter().map(|a| a.as_ref()).collect();
-            let new = model::build_refs(&s, &e, node.as_deref(), &self.model_cfg);
-            self.health
-                .set_node_eligible(node_eligible(node.as_deref()));
-            for w in &new.warnings {
+            let full = retry_full || last_full.elapsed() >= self.cfg.sync_period;
+            let d = self.model_changes(&mut state, full);
+            for w in &state.model.warnings {
                 if seen_warnings.insert(w.clone()) {
                     tracing::warn!("skipping invalid object: {w}");
                     self.metrics
@@ -396,29 +426,25 @@ impl SyncLoop {
                         .inc();
                 }
             }
-            seen_warnings.retain(|w| new.warnings.contains(w));
+            seen_warnings.retain(|w| state.model.warnings.contains(w));
 
-            // First sync of this process (or recovery): conntrack is reconciled
-            // by listing, since there is no trustworthy "old" model to diff.
-            let fresh = programmed.is_none();
-            let full = fresh || last_full.elapsed() >= self.cfg.sync_period;
-            let old = programmed.take().unwrap_or_default();
-            let d = model::diff(&old, &new);
-            let (res, dp_back, old, new, d) = tokio::task::spawn_blocking(move || {
+            let (res, dp_back, state_back, d) = tokio::task::spawn_blocking(move || {
                 let r = if full {
-                    dp.sync_full(&new)
+                    dp.sync_full(&state.model)
                 } else if d.is_empty() {
                     Ok(())
                 } else {
-                    dp.apply_diff(&old, &new, &d)
+                    dp.apply_diff(&state.model, &d)
                 };
-                (r, dp, old, new, d)
+                (r, dp, state, d)
             })
             .await?;
             dp = dp_back;
+            state = state_back;
             let elapsed = start.elapsed().as_secs_f64();
             match res {
                 Ok(()) => {
+                    retry_full = false;
                     self.metrics.sync_duration.observe(elapsed);
                     if full {
                         self.metrics.sync_full_duration.observe(elapsed);
@@ -445,14 +471,15 @@ impl SyncLoop {
                         }
                     }
                     self.health.updated();
-                    if fresh {
-                        let (runner, model) = (self.runner.clone(), new.clone());
+                    if reconcile_conntrack {
+                        let (runner, model) = (self.runner.clone(), state.model.clone());
                         let _ = tokio::task::spawn_blocking(move || {
                             conntrack::reconcile(&runner, &model)
                         })
                         .await;
+                        reconcile_conntrack = false;
                     } else {
-                        let stale = conntrack::stale_udp(&old, &new, &d);
+                        let stale = conntrack::stale_udp(&state.model, &d);
                         if !stale.is_empty() {
                             let runner = self.runner.clone();
                             let _ = tokio::task::spawn_blocking(move || {
@@ -461,16 +488,17 @@ impl SyncLoop {
                             .await;
                         }
                     }
-                    self.health.set_health_checks(new.health_checks.clone());
+                    self.health
+                        .set_health_checks(state.model.health_checks.clone());
                     hc_servers.reconcile(&self.health).await;
                     tracing::debug!(full, changes = d.len(), seconds = elapsed, "synced");
-                    programmed = Some(new);
                 }
                 Err(e) => {
                     self.metrics.sync_failures_total.inc();
                     tracing::error!("sync failed (will retry with a full sync): {e:#}");
-                    // Keep what we believe is programmed; the datapath resyncs fully next time.
-                    programmed = if full { None } else { Some(old) };
+                    // The model is right; what the kernel holds is unknown: resync fully.
+                    retry_full = true;
+                    reconcile_conntrack = true;
                     self.signals.trigger_times.lock().unwrap().extend(triggers);
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     self.signals.notify.notify_one();

@@ -296,6 +296,8 @@ pub struct ModelDiff {
     /// Node-wide settings changed: datapaths must do a full sync.
     pub globals_changed: bool,
     pub changes: BTreeMap<ServicePortName, Change>,
+    /// The previous version of each updated or removed port (for conntrack cleanup).
+    pub previous: BTreeMap<ServicePortName, ServicePort>,
 }
 
 impl ModelDiff {
@@ -305,6 +307,12 @@ impl ModelDiff {
     /// Number of service ports touched.
     pub fn len(&self) -> usize {
         self.changes.len()
+    }
+    /// Adds the changes of another service's update.
+    pub fn merge(&mut self, other: ModelDiff) {
+        self.globals_changed |= other.globals_changed;
+        self.changes.extend(other.changes);
+        self.previous.extend(other.previous);
     }
 }
 
@@ -327,9 +335,15 @@ pub fn diff(old: &ProxyModel, new: &ProxyModel) -> ModelDiff {
             changes.insert(k.clone(), Change::Removed);
         }
     }
+    let previous = changes
+        .keys()
+        .filter_map(|k| old.services.get_key_value(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     ModelDiff {
         globals_changed: !old.globals_equal(new),
         changes,
+        previous,
     }
 }
 
@@ -418,204 +432,313 @@ pub fn build_refs(
     node: Option<&Node>,
     config: &ModelConfig,
 ) -> ProxyModel {
-    let mut warnings = Vec::new();
-    let mut w = Warn { out: &mut warnings };
-    let node_ips = node_ipv4s(node);
-    let node_zone = node
-        .and_then(|n| n.metadata.labels.as_ref())
-        .and_then(|l| l.get(LABEL_ZONE))
-        .cloned();
-    let node_port_addresses = match &config.node_port_addresses {
-        NodePortAddressesConfig::All => NodePortAddresses::All,
-        NodePortAddressesConfig::Cidrs(c) => NodePortAddresses::Cidrs(c.clone()),
-        NodePortAddressesConfig::Primary if node_ips.is_empty() => NodePortAddresses::All,
-        NodePortAddressesConfig::Primary => NodePortAddresses::Ips(node_ips.clone()),
-    };
+    let mut state = ModelState::new(config.clone(), node);
+    state.rebuild(services, endpoint_slices, node);
+    state.model
+}
 
-    // Service ports by (namespace, name), so slices can find them.
-    struct SvcInfo {
-        ports: Vec<ServicePort>,
-    }
-    let mut by_name: BTreeMap<(String, String), SvcInfo> = BTreeMap::new();
-    for svc in services {
-        let ns = svc.metadata.namespace.clone().unwrap_or_default();
-        let name = svc.metadata.name.clone().unwrap_or_default();
-        if has_label(&svc.metadata, LABEL_SERVICE_PROXY_NAME) {
-            continue;
-        }
-        let Some(spec) = svc.spec.as_ref() else {
-            continue;
+/// A Service's identity: (namespace, name).
+pub type ServiceKey = (String, String);
+
+fn object_key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ServiceKey {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The Service an EndpointSlice belongs to (its `kubernetes.io/service-name` label).
+pub fn slice_service(slice: &EndpointSlice) -> Option<ServiceKey> {
+    let name = slice.metadata.labels.as_ref()?.get(LABEL_SERVICE_NAME)?;
+    Some((
+        slice.metadata.namespace.clone().unwrap_or_default(),
+        name.clone(),
+    ))
+}
+
+/// Node-wide inputs every service port is computed against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NodeContext {
+    ips: Vec<Ipv4Addr>,
+    zone: Option<String>,
+    node_port_addresses: NodePortAddresses,
+}
+
+impl NodeContext {
+    fn new(node: Option<&Node>, config: &ModelConfig) -> Self {
+        let ips = node_ipv4s(node);
+        let zone = node
+            .and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|l| l.get(LABEL_ZONE))
+            .cloned();
+        let node_port_addresses = match &config.node_port_addresses {
+            NodePortAddressesConfig::All => NodePortAddresses::All,
+            NodePortAddressesConfig::Cidrs(c) => NodePortAddresses::Cidrs(c.clone()),
+            NodePortAddressesConfig::Primary if ips.is_empty() => NodePortAddresses::All,
+            NodePortAddressesConfig::Primary => NodePortAddresses::Ips(ips.clone()),
         };
-        let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
-        if svc_type == "ExternalName" {
-            continue;
+        NodeContext {
+            ips,
+            zone,
+            node_port_addresses,
         }
-        let cip = spec.cluster_ip.as_deref().unwrap_or("");
-        if cip.is_empty() || cip == "None" {
-            continue; // headless
-        }
-        let cluster_ip = match parse_ipv4(cip) {
-            Some(ip) if !ip.is_unspecified() => ip,
-            _ => {
-                if cip.parse::<std::net::Ipv6Addr>().is_err() {
+    }
+}
+
+/// What one Service and its EndpointSlices put in the model.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Contribution {
+    ports: Vec<ServicePort>,
+    warnings: Vec<ModelWarning>,
+    /// healthCheckNodePort and the distinct ready local `ip:port`s behind it.
+    health_check: Option<(u16, usize)>,
+}
+
+/// The pure per-service step: one Service (absent when only slices exist) and the
+/// slices labelled with its name.
+fn build_service(
+    key: &ServiceKey,
+    svc: Option<&Service>,
+    slices: &[&EndpointSlice],
+    node: &NodeContext,
+    config: &ModelConfig,
+) -> Contribution {
+    let mut c = Contribution::default();
+    let mut w = Warn {
+        out: &mut c.warnings,
+    };
+    let ports = match svc {
+        Some(svc) => service_ports(svc, &mut w),
+        None => {
+            for s in slices {
+                let (ns, sname) = object_key(&s.metadata);
+                if !has_label(&s.metadata, LABEL_SERVICE_PROXY_NAME) {
                     w.push(
-                        ObjectKind::Service,
+                        ObjectKind::EndpointSlice,
                         &ns,
-                        &name,
-                        format!("invalid clusterIP {cip:?}"),
+                        &sname,
+                        format!("service {:?} not found", key.1),
                     );
                 }
-                // IPv6-only services are for the ip6 table (dual-stack comes later).
-                continue;
             }
-        };
-        let mut external_ips = Vec::new();
-        for s in spec.external_ips.iter().flatten() {
+            None
+        }
+    };
+    let Some(mut ports) = ports else {
+        c.warnings.sort();
+        return c;
+    };
+    let mut raw = raw_endpoints(&ports, slices, config, &mut w);
+    let mut ready_local = BTreeSet::new();
+    for sp in &mut ports {
+        let eps: Vec<RawEndpoint> = raw
+            .remove(&sp.name)
+            .map(|m| m.into_values().collect())
+            .unwrap_or_default();
+        let (cluster, local) = categorize(&eps, &config.node_name, node.zone.as_deref());
+        sp.cluster_endpoints = cluster;
+        sp.local_endpoints = local;
+        // kube-proxy counts distinct ready local `ip:port`s over the service's
+        // ports: serving-but-terminating endpoints do not count, so load
+        // balancers drain a node whose pods are going.
+        ready_local.extend(
+            eps.iter()
+                .filter(|r| r.ep.local && r.ready)
+                .map(|r| (r.ep.ip, r.ep.port)),
+        );
+    }
+    c.health_check = ports
+        .first()
+        .and_then(|p| p.health_check_node_port)
+        .map(|hc| (hc, ready_local.len()));
+    c.ports = ports;
+    c.warnings.sort();
+    c
+}
+
+/// The ports of a Service this proxy serves (endpoints not yet filled in); `None`
+/// for services it skips (headless, ExternalName, another proxy's, invalid IP).
+fn service_ports(svc: &Service, w: &mut Warn) -> Option<Vec<ServicePort>> {
+    let (ns, name) = object_key(&svc.metadata);
+    if has_label(&svc.metadata, LABEL_SERVICE_PROXY_NAME) {
+        return None;
+    }
+    let spec = svc.spec.as_ref()?;
+    let svc_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if svc_type == "ExternalName" {
+        return None;
+    }
+    let cip = spec.cluster_ip.as_deref().unwrap_or("");
+    if cip.is_empty() || cip == "None" {
+        return None; // headless
+    }
+    let cluster_ip = match parse_ipv4(cip) {
+        Some(ip) if !ip.is_unspecified() => ip,
+        _ => {
+            if cip.parse::<std::net::Ipv6Addr>().is_err() {
+                w.push(
+                    ObjectKind::Service,
+                    &ns,
+                    &name,
+                    format!("invalid clusterIP {cip:?}"),
+                );
+            }
+            // IPv6-only services are for the ip6 table (dual-stack comes later).
+            return None;
+        }
+    };
+    let mut external_ips = Vec::new();
+    for s in spec.external_ips.iter().flatten() {
+        match parse_ipv4(s) {
+            Some(ip) => external_ips.push(ip),
+            None if s.parse::<std::net::Ipv6Addr>().is_ok() => {}
+            None => w.push(
+                ObjectKind::Service,
+                &ns,
+                &name,
+                format!("invalid externalIP {s:?}"),
+            ),
+        }
+    }
+    external_ips.sort();
+    external_ips.dedup();
+    let mut lb_ips = Vec::new();
+    if svc_type == "LoadBalancer" {
+        let ingress = svc
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref());
+        for ing in ingress.into_iter().flatten() {
+            if ing.ip_mode.as_deref() == Some("Proxy") {
+                continue; // the load balancer proxies: nothing to do on the node
+            }
+            let Some(s) = ing.ip.as_deref() else { continue };
             match parse_ipv4(s) {
-                Some(ip) => external_ips.push(ip),
+                Some(ip) => lb_ips.push(ip),
                 None if s.parse::<std::net::Ipv6Addr>().is_ok() => {}
                 None => w.push(
                     ObjectKind::Service,
                     &ns,
                     &name,
-                    format!("invalid externalIP {s:?}"),
+                    format!("invalid load balancer ingress IP {s:?}"),
                 ),
             }
         }
-        external_ips.sort();
-        external_ips.dedup();
-        let mut lb_ips = Vec::new();
-        if svc_type == "LoadBalancer" {
-            let ingress = svc
-                .status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|l| l.ingress.as_ref());
-            for ing in ingress.into_iter().flatten() {
-                if ing.ip_mode.as_deref() == Some("Proxy") {
-                    continue; // the load balancer proxies: nothing to do on the node
-                }
-                let Some(s) = ing.ip.as_deref() else { continue };
-                match parse_ipv4(s) {
-                    Some(ip) => lb_ips.push(ip),
-                    None if s.parse::<std::net::Ipv6Addr>().is_ok() => {}
-                    None => w.push(
-                        ObjectKind::Service,
-                        &ns,
-                        &name,
-                        format!("invalid load balancer ingress IP {s:?}"),
-                    ),
-                }
-            }
+    }
+    lb_ips.sort();
+    lb_ips.dedup();
+    let affinity_timeout = if spec.session_affinity.as_deref() == Some("ClientIP") {
+        let t = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT as i32);
+        if (1..=86400).contains(&t) {
+            Some(t as u32)
+        } else {
+            w.push(
+                ObjectKind::Service,
+                &ns,
+                &name,
+                format!("invalid sessionAffinity timeoutSeconds {t}; using default"),
+            );
+            Some(DEFAULT_AFFINITY_TIMEOUT)
         }
-        lb_ips.sort();
-        lb_ips.dedup();
-        let affinity_timeout = if spec.session_affinity.as_deref() == Some("ClientIP") {
-            let t = spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT as i32);
-            if (1..=86400).contains(&t) {
-                Some(t as u32)
-            } else {
-                w.push(
-                    ObjectKind::Service,
-                    &ns,
-                    &name,
-                    format!("invalid sessionAffinity timeoutSeconds {t}; using default"),
-                );
-                Some(DEFAULT_AFFINITY_TIMEOUT)
-            }
+    } else {
+        None
+    };
+    let policy = |p: Option<&str>| {
+        if p == Some("Local") {
+            TrafficPolicy::Local
+        } else {
+            TrafficPolicy::Cluster
+        }
+    };
+    let internal_policy = policy(spec.internal_traffic_policy.as_deref());
+    let externally_visible =
+        svc_type == "NodePort" || svc_type == "LoadBalancer" || !external_ips.is_empty();
+    let external_policy = if externally_visible {
+        policy(spec.external_traffic_policy.as_deref())
+    } else {
+        TrafficPolicy::Cluster
+    };
+    let health_check_node_port =
+        if external_policy == TrafficPolicy::Local && svc_type == "LoadBalancer" {
+            spec.health_check_node_port.and_then(port_u16)
         } else {
             None
         };
-        let policy = |p: Option<&str>| {
-            if p == Some("Local") {
-                TrafficPolicy::Local
-            } else {
-                TrafficPolicy::Cluster
-            }
+    let mut ports = Vec::new();
+    for p in spec.ports.iter().flatten() {
+        let pname = p.name.clone().unwrap_or_default();
+        let proto_s = p.protocol.as_deref().unwrap_or("TCP");
+        let Some(protocol) = Protocol::parse(proto_s) else {
+            w.push(
+                ObjectKind::Service,
+                &ns,
+                &name,
+                format!("port {pname:?}: unknown protocol {proto_s:?}"),
+            );
+            continue;
         };
-        let internal_policy = policy(spec.internal_traffic_policy.as_deref());
-        let externally_visible =
-            svc_type == "NodePort" || svc_type == "LoadBalancer" || !external_ips.is_empty();
-        let external_policy = if externally_visible {
-            policy(spec.external_traffic_policy.as_deref())
-        } else {
-            TrafficPolicy::Cluster
+        let Some(port) = port_u16(p.port) else {
+            w.push(
+                ObjectKind::Service,
+                &ns,
+                &name,
+                format!("port {pname:?}: invalid port {}", p.port),
+            );
+            continue;
         };
-        let health_check_node_port =
-            if external_policy == TrafficPolicy::Local && svc_type == "LoadBalancer" {
-                spec.health_check_node_port.and_then(port_u16)
-            } else {
-                None
-            };
-        let mut ports = Vec::new();
-        for p in spec.ports.iter().flatten() {
-            let pname = p.name.clone().unwrap_or_default();
-            let proto_s = p.protocol.as_deref().unwrap_or("TCP");
-            let Some(protocol) = Protocol::parse(proto_s) else {
-                w.push(
-                    ObjectKind::Service,
-                    &ns,
-                    &name,
-                    format!("port {pname:?}: unknown protocol {proto_s:?}"),
-                );
-                continue;
-            };
-            let Some(port) = port_u16(p.port) else {
-                w.push(
-                    ObjectKind::Service,
-                    &ns,
-                    &name,
-                    format!("port {pname:?}: invalid port {}", p.port),
-                );
-                continue;
-            };
-            let node_port = match p.node_port {
-                None | Some(0) => None,
-                Some(np) if svc_type == "NodePort" || svc_type == "LoadBalancer" => {
-                    match port_u16(np) {
-                        Some(np) => Some(np),
-                        None => {
-                            w.push(
-                                ObjectKind::Service,
-                                &ns,
-                                &name,
-                                format!("port {pname:?}: invalid nodePort {np}"),
-                            );
-                            None
-                        }
+        let node_port = match p.node_port {
+            None | Some(0) => None,
+            Some(np) if svc_type == "NodePort" || svc_type == "LoadBalancer" => {
+                match port_u16(np) {
+                    Some(np) => Some(np),
+                    None => {
+                        w.push(
+                            ObjectKind::Service,
+                            &ns,
+                            &name,
+                            format!("port {pname:?}: invalid nodePort {np}"),
+                        );
+                        None
                     }
                 }
-                Some(_) => None,
-            };
-            ports.push(ServicePort {
-                name: ServicePortName::new(&ns, &name, &pname, protocol),
-                cluster_ip,
-                port,
-                node_port,
-                external_ips: external_ips.clone(),
-                load_balancer_ips: lb_ips.clone(),
-                affinity_timeout,
-                internal_policy,
-                external_policy,
-                health_check_node_port,
-                cluster_endpoints: Vec::new(),
-                local_endpoints: Vec::new(),
-            });
-        }
-        by_name.insert((ns, name), SvcInfo { ports });
+            }
+            Some(_) => None,
+        };
+        ports.push(ServicePort {
+            name: ServicePortName::new(&ns, &name, &pname, protocol),
+            cluster_ip,
+            port,
+            node_port,
+            external_ips: external_ips.clone(),
+            load_balancer_ips: lb_ips.clone(),
+            affinity_timeout,
+            internal_policy,
+            external_policy,
+            health_check_node_port,
+            cluster_endpoints: Vec::new(),
+            local_endpoints: Vec::new(),
+        });
     }
+    Some(ports)
+}
 
-    // Gather raw endpoints per service port, deduplicated by (ip, port).
+/// The endpoints of `ports` found in `slices`, deduplicated by (ip, port).
+fn raw_endpoints(
+    ports: &[ServicePort],
+    slices: &[&EndpointSlice],
+    config: &ModelConfig,
+    w: &mut Warn,
+) -> BTreeMap<ServicePortName, BTreeMap<(Ipv4Addr, u16), RawEndpoint>> {
     let mut raw: BTreeMap<ServicePortName, BTreeMap<(Ipv4Addr, u16), RawEndpoint>> =
         BTreeMap::new();
-    for slice in endpoint_slices {
-        let ns = slice.metadata.namespace.clone().unwrap_or_default();
-        let sname = slice.metadata.name.clone().unwrap_or_default();
+    for slice in slices {
+        let (ns, sname) = object_key(&slice.metadata);
         if has_label(&slice.metadata, LABEL_SERVICE_PROXY_NAME)
             || has_label(&slice.metadata, LABEL_HEADLESS)
         {
@@ -624,35 +747,7 @@ pub fn build_refs(
         if slice.address_type != "IPv4" {
             continue; // IPv6 and FQDN slices are not programmed by the ip table
         }
-        let Some(svc_name) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(LABEL_SERVICE_NAME))
-        else {
-            w.push(
-                ObjectKind::EndpointSlice,
-                &ns,
-                &sname,
-                format!("missing label {LABEL_SERVICE_NAME}"),
-            );
-            continue;
-        };
-        let Some(info) = by_name.get(&(ns.clone(), svc_name.clone())) else {
-            // The slice may belong to a skipped service (headless, ExternalName,
-            // other proxy): only a truly missing service is a warning.
-            let svc_exists = services.iter().any(|s| {
-                s.metadata.namespace.as_deref().unwrap_or_default() == ns
-                    && s.metadata.name.as_deref() == Some(svc_name.as_str())
-            });
-            if !svc_exists {
-                w.push(
-                    ObjectKind::EndpointSlice,
-                    &ns,
-                    &sname,
-                    format!("service {svc_name:?} not found"),
-                );
-            }
+        let Some((_, svc_name)) = slice_service(slice) else {
             continue;
         };
         for sp in slice.ports.iter().flatten() {
@@ -676,8 +771,8 @@ pub fn build_refs(
                 );
                 continue;
             };
-            let key = ServicePortName::new(&ns, svc_name, &pname, protocol);
-            if !info.ports.iter().any(|p| p.name == key) {
+            let key = ServicePortName::new(&ns, &svc_name, &pname, protocol);
+            if !ports.iter().any(|p| p.name == key) {
                 continue;
             }
             let entry = raw.entry(key).or_default();
@@ -718,53 +813,165 @@ pub fn build_refs(
             }
         }
     }
+    raw
+}
 
-    let mut model_services = BTreeMap::new();
-    let mut health_checks: BTreeMap<u16, HealthCheck> = BTreeMap::new();
-    let mut hc_ready_local: BTreeMap<u16, BTreeSet<(Ipv4Addr, u16)>> = BTreeMap::new();
-    for ((ns, name), info) in by_name {
-        for mut sp in info.ports {
-            let eps: Vec<RawEndpoint> = raw
-                .remove(&sp.name)
-                .map(|m| m.into_values().collect())
-                .unwrap_or_default();
-            let (cluster, local) = categorize(&eps, &config.node_name, node_zone.as_deref());
-            sp.cluster_endpoints = cluster;
-            sp.local_endpoints = local;
-            if let Some(hc) = sp.health_check_node_port {
-                let e = health_checks.entry(hc).or_insert(HealthCheck {
-                    namespace: ns.clone(),
-                    name: name.clone(),
-                    local_endpoints: 0,
-                });
-                if e.namespace == ns && e.name == name {
-                    // kube-proxy counts distinct ready local `ip:port`s over the
-                    // service's ports: serving-but-terminating endpoints do not
-                    // count, so load balancers drain a node whose pods are going.
-                    hc_ready_local.entry(hc).or_default().extend(
-                        eps.iter()
-                            .filter(|r| r.ep.local && r.ready)
-                            .map(|r| (r.ep.ip, r.ep.port)),
-                    );
-                }
-            }
-            model_services.insert(sp.name.clone(), sp);
+/// What the model holds per Service: the names of its ports (the ports themselves
+/// live in [`ProxyModel::services`]), its warnings and its health check.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct ServiceEntry {
+    ports: Vec<ServicePortName>,
+    warnings: Vec<ModelWarning>,
+    health_check: Option<(u16, usize)>,
+}
+
+/// The model kept up to date service by service: a change to one Service or one of
+/// its slices recomputes only that service, and yields the diff datapaths apply.
+/// [`ModelState::rebuild`] recomputes everything (start, relist, node change,
+/// periodic resync) and gives the same model as the sum of updates.
+#[derive(Debug, Clone)]
+pub struct ModelState {
+    config: ModelConfig,
+    node: NodeContext,
+    entries: BTreeMap<ServiceKey, ServiceEntry>,
+    /// Slices without the service-name label (found only by a rebuild).
+    unlabelled: Vec<ModelWarning>,
+    /// The current desired state.
+    pub model: ProxyModel,
+}
+
+impl ModelState {
+    pub fn new(config: ModelConfig, node: Option<&Node>) -> Self {
+        let node = NodeContext::new(node, &config);
+        let model = ProxyModel {
+            node_name: config.node_name.clone(),
+            node_ips: node.ips.clone(),
+            cluster_cidrs: config.cluster_cidrs.clone(),
+            masquerade_all: config.masquerade_all,
+            node_port_addresses: node.node_port_addresses.clone(),
+            ..Default::default()
+        };
+        ModelState {
+            config,
+            node,
+            entries: BTreeMap::new(),
+            unlabelled: Vec::new(),
+            model,
         }
     }
-    for (port, hc) in health_checks.iter_mut() {
-        hc.local_endpoints = hc_ready_local.get(port).map_or(0, |s| s.len());
+
+    /// Recomputes everything from all objects and the (possibly changed) Node;
+    /// returns what changed against the previous model.
+    pub fn rebuild(
+        &mut self,
+        services: &[&Service],
+        slices: &[&EndpointSlice],
+        node: Option<&Node>,
+    ) -> ModelDiff {
+        let previous = std::mem::replace(self, ModelState::new(self.config.clone(), node)).model;
+        let mut by_service: BTreeMap<ServiceKey, (Option<&Service>, Vec<&EndpointSlice>)> =
+            BTreeMap::new();
+        for s in services {
+            by_service.entry(object_key(&s.metadata)).or_default().0 = Some(s);
+        }
+        for s in slices {
+            match slice_service(s) {
+                Some(k) => by_service.entry(k).or_default().1.push(s),
+                None => {
+                    let (namespace, name) = object_key(&s.metadata);
+                    self.unlabelled.push(ModelWarning {
+                        kind: ObjectKind::EndpointSlice,
+                        namespace,
+                        name,
+                        reason: format!("missing label {LABEL_SERVICE_NAME}"),
+                    });
+                }
+            }
+        }
+        for (k, (svc, sl)) in by_service {
+            let c = build_service(&k, svc, &sl, &self.node, &self.config);
+            self.insert(k, c);
+        }
+        self.finish();
+        diff(&previous, &self.model)
     }
-    warnings.sort();
-    warnings.dedup();
-    ProxyModel {
-        node_name: config.node_name.clone(),
-        node_ips,
-        cluster_cidrs: config.cluster_cidrs.clone(),
-        masquerade_all: config.masquerade_all,
-        node_port_addresses,
-        services: model_services,
-        health_checks,
-        warnings,
+
+    /// Recomputes one service from its current objects (`svc` absent when deleted,
+    /// `slices` = the slices labelled with its name); returns what changed.
+    pub fn update(
+        &mut self,
+        key: &ServiceKey,
+        svc: Option<&Service>,
+        slices: &[&EndpointSlice],
+    ) -> ModelDiff {
+        let mut d = ModelDiff::default();
+        let old = self.entries.remove(key).unwrap_or_default();
+        for name in &old.ports {
+            if let Some(sp) = self.model.services.remove(name) {
+                d.previous.insert(name.clone(), sp);
+            }
+        }
+        let c = build_service(key, svc, slices, &self.node, &self.config);
+        for p in &c.ports {
+            let change = match d.previous.get(&p.name) {
+                None => Some(Change::Added),
+                Some(o) if o != p => Some(Change::Updated),
+                Some(_) => None,
+            };
+            if let Some(ch) = change {
+                d.changes.insert(p.name.clone(), ch);
+            }
+        }
+        for k in d.previous.keys() {
+            if !c.ports.iter().any(|p| &p.name == k) {
+                d.changes.insert(k.clone(), Change::Removed);
+            }
+        }
+        d.previous.retain(|k, _| d.changes.contains_key(k));
+        let refresh = !old.warnings.is_empty()
+            || !c.warnings.is_empty()
+            || old.health_check.is_some()
+            || c.health_check.is_some();
+        self.insert(key.clone(), c);
+        if refresh {
+            self.finish();
+        }
+        d
+    }
+
+    fn insert(&mut self, key: ServiceKey, c: Contribution) {
+        let entry = ServiceEntry {
+            ports: c.ports.iter().map(|p| p.name.clone()).collect(),
+            warnings: c.warnings,
+            health_check: c.health_check,
+        };
+        for p in c.ports {
+            self.model.services.insert(p.name.clone(), p);
+        }
+        if entry != ServiceEntry::default() {
+            self.entries.insert(key, entry);
+        }
+    }
+
+    /// Reassembles the node-wide parts (health checks, warnings) from the entries.
+    fn finish(&mut self) {
+        let mut hcs = BTreeMap::new();
+        let mut warnings = self.unlabelled.clone();
+        for ((ns, name), e) in &self.entries {
+            warnings.extend(e.warnings.iter().cloned());
+            if let Some((port, n)) = e.health_check {
+                // On a clash the first service (by namespace/name) keeps the port.
+                hcs.entry(port).or_insert(HealthCheck {
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    local_endpoints: n,
+                });
+            }
+        }
+        warnings.sort();
+        warnings.dedup();
+        self.model.warnings = warnings;
+        self.model.health_checks = hcs;
     }
 }
 

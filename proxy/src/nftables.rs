@@ -273,19 +273,94 @@ enum Lookup<'a> {
     NodePort(NftMap, u16),
 }
 
+/// The endpoint-choice chain shared by every service port with this protocol,
+/// endpoint kind and endpoint count N: it DNATs through the IP map, then the
+/// NodePort map, at index `numgen random mod N`. Shared because the kernel checks
+/// each new map element against every rule using the map: one lookup rule per
+/// service makes a full sync quadratic.
+fn backends_chain(o: &mut ServiceObjects, proto: Protocol, n: usize, local: bool) -> String {
+    let (ip_map, np_map, kind) = if local {
+        (
+            NftMap::ServiceLocalBackends(proto),
+            NftMap::NodeportLocalBackends(proto),
+            "local-",
+        )
+    } else {
+        (
+            NftMap::ServiceBackends(proto),
+            NftMap::NodeportBackends(proto),
+            "",
+        )
+    };
+    let p = proto.as_str();
+    let name = format!("{kind}backends-{p}-{n}");
+    o.shared_chains.entry(name.clone()).or_insert_with(|| {
+        vec![
+            format!(
+                "meta l4proto {p} dnat ip to ip daddr . th dport . numgen random mod {n} map @{}",
+                ip_map.name()
+            ),
+            format!(
+                "meta l4proto {p} dnat ip to th dport . numgen random mod {n} map @{}",
+                np_map.name()
+            ),
+        ]
+    });
+    name
+}
+
+/// The elements choosing endpoint `i` of `eps` for each frontend of `lookups`.
+fn backend_elements(o: &mut ServiceObjects, port: u16, eps: &[Endpoint], lookups: &[Lookup]) {
+    for l in lookups {
+        let (map, keys): (NftMap, Vec<String>) = match l {
+            Lookup::Ips(map, ips) => (
+                *map,
+                ips.iter().map(|ip| format!("{ip} . {port}")).collect(),
+            ),
+            Lookup::NodePort(map, np) => (*map, vec![np.to_string()]),
+        };
+        for k in keys {
+            for (i, e) in eps.iter().enumerate() {
+                o.elements.insert(Element {
+                    map,
+                    key: format!("{k} . {i}"),
+                    comment: String::new(),
+                    value: format!("{} . {}", e.ip, e.port),
+                });
+            }
+        }
+    }
+}
+
+/// The masquerade rule for ClusterIP traffic (node-wide settings).
+fn cluster_ip_masquerade(model: &ProxyModel) -> Option<String> {
+    if model.masquerade_all {
+        Some("jump mark-for-masquerade".to_string())
+    } else if !model.cluster_cidrs.is_empty() {
+        Some("ip saddr != @cluster-cidrs jump mark-for-masquerade".to_string())
+    } else {
+        None
+    }
+}
+
 /// Renders the objects of one service port.
+///
+/// Service ports without affinity and with externalTrafficPolicy Cluster own no
+/// chain: their verdict-map elements jump to chains shared by every port with the
+/// same protocol and endpoint count (`svc-PROTO-N`, `ext-PROTO-N`), and their
+/// endpoints are map elements. So a service costs only map elements, which is
+/// what keeps a 10,000-service sync small.
 pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
     let mut o = ServiceObjects::default();
     let (hash, readable) = chain_base(sp);
-    let proto = sp.name.protocol.as_str();
+    let p = sp.name.protocol;
+    let proto = p.as_str();
     let comment = sp.name.to_string();
-    let svc_chain = format!("svc-{hash}-{readable}");
-    let ext_chain = format!("ext-{hash}-{readable}");
     let has_cidrs = !model.cluster_cidrs.is_empty();
 
-    // Endpoint selection: inline for one endpoint, else `numgen` into a named map
-    // keyed by the frontend (one element per frontend and endpoint index). With
-    // affinity, per-endpoint chains remember the client in a timed set.
+    // Endpoint selection inside a service's own chain: inline for one endpoint,
+    // else a shared backends chain. With affinity, per-endpoint chains remember
+    // the client in a timed set.
     let dispatch = |o: &mut ServiceObjects,
                     prefix: &str,
                     eps: &[Endpoint],
@@ -324,52 +399,13 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
                 eps[0].ip, eps[0].port
             ));
         } else {
-            // The lookup rules live in a chain shared by every service port with
-            // the same protocol, endpoint kind and N: the kernel checks each new map
-            // element against every rule using the map, so one rule per service
-            // would make a full sync quadratic again.
-            let n = eps.len();
             let local = matches!(
                 lookups.first(),
                 Some(Lookup::Ips(NftMap::ServiceLocalBackends(_), _))
             );
-            let p = sp.name.protocol;
-            let (ip_map, np_map, kind) = if local {
-                (
-                    NftMap::ServiceLocalBackends(p),
-                    NftMap::NodeportLocalBackends(p),
-                    "local-",
-                )
-            } else {
-                (NftMap::ServiceBackends(p), NftMap::NodeportBackends(p), "")
-            };
-            let shared = format!("{kind}backends-{proto}-{n}");
-            o.shared_chains.entry(shared.clone()).or_insert_with(|| {
-                vec![
-                    format!("meta l4proto {proto} dnat ip to ip daddr . th dport . numgen random mod {n} map @{}", ip_map.name()),
-                    format!("meta l4proto {proto} dnat ip to th dport . numgen random mod {n} map @{}", np_map.name()),
-                ]
-            });
-            rules.push(format!("{prefix}jump {shared}"));
-            for l in lookups {
-                let (map, keys): (NftMap, Vec<String>) = match l {
-                    Lookup::Ips(map, ips) => (
-                        *map,
-                        ips.iter().map(|ip| format!("{ip} . {}", sp.port)).collect(),
-                    ),
-                    Lookup::NodePort(map, np) => (*map, vec![np.to_string()]),
-                };
-                for k in keys {
-                    for (i, e) in eps.iter().enumerate() {
-                        o.elements.insert(Element {
-                            map,
-                            key: format!("{k} . {i}"),
-                            comment: String::new(),
-                            value: format!("{} . {}", e.ip, e.port),
-                        });
-                    }
-                }
-            }
+            let chain = backends_chain(o, p, eps.len(), local);
+            rules.push(format!("{prefix}jump {chain}"));
+            backend_elements(o, sp.port, eps, lookups);
         }
         rules
     };
@@ -378,15 +414,10 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
     let internal = sp.internal_endpoints();
     let cip_key = format!("{} . {proto} . {}", sp.cluster_ip, sp.port);
     if !internal.is_empty() {
-        let mut rules = Vec::new();
-        if model.masquerade_all {
-            rules.push("jump mark-for-masquerade".to_string());
-        } else {
-            if has_cidrs {
-                rules.push("ip saddr != @cluster-cidrs jump mark-for-masquerade".to_string());
-            }
-            // Hairpin: an endpoint calling its own service (rule in `services`).
-            for e in internal {
+        if !model.masquerade_all {
+            // Hairpin: a local endpoint calling its own service (rule in
+            // `services`). Remote endpoints' calls are NATed on their own node.
+            for e in internal.iter().filter(|e| e.local) {
                 o.elements.insert(Element {
                     map: NftMap::ServiceHairpin,
                     key: format!("{} . {}", e.ip, cip_key),
@@ -396,18 +427,28 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
             }
         }
         let cip = [sp.cluster_ip];
-        rules.extend(dispatch(
-            &mut o,
-            "",
-            internal,
-            &[Lookup::Ips(NftMap::ServiceBackends(sp.name.protocol), &cip)],
-        ));
-        o.chains.insert(svc_chain.clone(), rules);
+        let lookups = [Lookup::Ips(NftMap::ServiceBackends(p), &cip)];
+        let chain = if sp.affinity_timeout.is_none() {
+            let n = internal.len();
+            let backends = backends_chain(&mut o, p, n, false);
+            backend_elements(&mut o, sp.port, internal, &lookups);
+            let name = format!("svc-{proto}-{n}");
+            let mut rules: Vec<String> = cluster_ip_masquerade(model).into_iter().collect();
+            rules.push(format!("jump {backends}"));
+            o.shared_chains.insert(name.clone(), rules);
+            name
+        } else {
+            let name = format!("svc-{hash}-{readable}");
+            let mut rules: Vec<String> = cluster_ip_masquerade(model).into_iter().collect();
+            rules.extend(dispatch(&mut o, "", internal, &lookups));
+            o.chains.insert(name.clone(), rules);
+            name
+        };
         o.elements.insert(Element {
             map: NftMap::ServiceIps,
             key: cip_key,
             comment: comment.clone(),
-            value: format!("goto {svc_chain}"),
+            value: format!("goto {chain}"),
         });
     } else {
         // No endpoints at all: refuse at once. Endpoints only elsewhere with
@@ -445,25 +486,41 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
             }
             l
         };
-        let p = sp.name.protocol;
         let cluster_lookups = lookups(NftMap::ServiceBackends(p), NftMap::NodeportBackends(p));
         let local_lookups = lookups(
             NftMap::ServiceLocalBackends(p),
             NftMap::NodeportLocalBackends(p),
         );
+        let mut ext_chain = String::new();
         if usable {
-            let mut rules = Vec::new();
             match sp.external_policy {
+                TrafficPolicy::Cluster if sp.affinity_timeout.is_none() => {
+                    let n = sp.cluster_endpoints.len();
+                    let backends = backends_chain(&mut o, p, n, false);
+                    backend_elements(&mut o, sp.port, &sp.cluster_endpoints, &cluster_lookups);
+                    ext_chain = format!("ext-{proto}-{n}");
+                    o.shared_chains.insert(
+                        ext_chain.clone(),
+                        vec![
+                            "jump mark-for-masquerade".to_string(),
+                            format!("jump {backends}"),
+                        ],
+                    );
+                }
                 TrafficPolicy::Cluster => {
-                    rules.push("jump mark-for-masquerade".to_string());
+                    ext_chain = format!("ext-{hash}-{readable}");
+                    let mut rules = vec!["jump mark-for-masquerade".to_string()];
                     rules.extend(dispatch(
                         &mut o,
                         "",
                         &sp.cluster_endpoints,
                         &cluster_lookups,
                     ));
+                    o.chains.insert(ext_chain.clone(), rules);
                 }
                 TrafficPolicy::Local => {
+                    ext_chain = format!("ext-{hash}-{readable}");
+                    let mut rules = Vec::new();
                     if has_cidrs {
                         // Pods inside the cluster may use any endpoint.
                         rules.extend(dispatch(
@@ -486,9 +543,9 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
                     } else {
                         rules.extend(dispatch(&mut o, "", &sp.local_endpoints, &local_lookups));
                     }
+                    o.chains.insert(ext_chain.clone(), rules);
                 }
             }
-            o.chains.insert(ext_chain.clone(), rules);
         }
         let (ip_map, verdict) = if usable {
             (NftMap::ServiceIps, format!("goto {ext_chain}"))
@@ -944,12 +1001,7 @@ impl Datapath for NftablesDatapath {
         }
     }
 
-    fn apply_diff(
-        &mut self,
-        _old: &ProxyModel,
-        new: &ProxyModel,
-        diff: &ModelDiff,
-    ) -> anyhow::Result<()> {
+    fn apply_diff(&mut self, new: &ProxyModel, diff: &ModelDiff) -> anyhow::Result<()> {
         if self.needs_full || diff.globals_changed {
             return self.sync_full(new);
         }

@@ -507,3 +507,102 @@ fn health_check_counts_ready_local_endpoints() {
     let sp = m.services.values().next().unwrap();
     assert_eq!(sp.local_endpoints.len(), 1, "still served (fallback)");
 }
+
+/// Service-by-service updates give the same model as a full build after every
+/// step, and report exactly the ports that changed, with their previous versions.
+#[test]
+fn incremental_updates_match_full_builds() {
+    const TWO: &[(&str, u16, &str)] = &[("http", 80, "TCP"), ("dns", 53, "UDP")];
+    let node = node("node-a", &["192.168.50.2"]);
+    let mut lb = with_load_balancer(
+        with_node_ports(service("ns", "lb", "10.96.0.20", TWO), &[30080, 30053]),
+        &["192.0.2.10"],
+    );
+    {
+        let spec = lb.spec.as_mut().unwrap();
+        spec.external_traffic_policy = Some("Local".into());
+        spec.health_check_node_port = Some(32000);
+    }
+    let mut bad = service("ns", "bad", "10.96.0.30", HTTP);
+    bad.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = 0;
+    // Each step: (services, slices) as the caches hold them.
+    let steps: Vec<(Vec<Service>, Vec<EndpointSlice>)> = vec![
+        (vec![service("ns", "a", "10.96.0.1", HTTP)], vec![]),
+        (
+            vec![service("ns", "a", "10.96.0.1", HTTP)],
+            vec![slice("ns", "a", "a-1", HTTP, &[ep("10.244.1.1", "node-a")])],
+        ),
+        (
+            vec![service("ns", "a", "10.96.0.1", HTTP), lb.clone()],
+            vec![
+                slice("ns", "a", "a-1", HTTP, &[ep("10.244.1.1", "node-a")]),
+                slice("ns", "lb", "lb-1", TWO, &[ep("10.244.1.5", "node-a")]),
+            ],
+        ),
+        (
+            vec![service("ns", "a", "10.96.0.1", HTTP), lb.clone()],
+            vec![
+                slice("ns", "a", "a-1", HTTP, &[ep("10.244.1.1", "node-a")]),
+                slice("ns", "a", "a-2", HTTP, &[ep("10.244.2.1", "node-b")]),
+                slice("ns", "lb", "lb-1", TWO, &[ep("10.244.1.5", "node-a")]),
+            ],
+        ),
+        (
+            vec![service("ns", "a", "10.96.0.1", HTTP), lb.clone(), bad],
+            vec![
+                slice("ns", "a", "a-2", HTTP, &[ep("10.244.2.1", "node-b")]),
+                slice("ns", "lb", "lb-1", TWO, &[ep("10.244.1.5", "node-a")]),
+                slice("ns", "ghost", "g-1", HTTP, &[ep("10.244.2.9", "node-b")]),
+            ],
+        ),
+        (
+            vec![lb.clone()],
+            vec![slice(
+                "ns",
+                "lb",
+                "lb-1",
+                TWO,
+                &[ep("10.244.1.5", "node-a").terminating()],
+            )],
+        ),
+    ];
+    let mut state = ModelState::new(cfg(), Some(&node));
+    let mut previous = state.model.clone();
+    let mentioned = |(svcs, slices): &(Vec<Service>, Vec<EndpointSlice>)| -> Vec<ServiceKey> {
+        svcs.iter()
+            .map(|s| object_key(&s.metadata))
+            .chain(slices.iter().filter_map(slice_service))
+            .collect()
+    };
+    for (i, (svcs, slices)) in steps.iter().enumerate() {
+        // Every service this step or the one before mentions is recomputed from
+        // the caches, as the watchers mark them.
+        let mut touched: BTreeSet<ServiceKey> = mentioned(&steps[i]).into_iter().collect();
+        if i > 0 {
+            touched.extend(mentioned(&steps[i - 1]));
+        }
+        let mut changes = BTreeMap::new();
+        let mut prev_ports = BTreeMap::new();
+        for k in &touched {
+            let svc = svcs.iter().find(|s| &object_key(&s.metadata) == k);
+            let sl: Vec<&EndpointSlice> = slices
+                .iter()
+                .filter(|s| slice_service(s).as_ref() == Some(k))
+                .collect();
+            let d = state.update(k, svc, &sl);
+            changes.extend(d.changes);
+            prev_ports.extend(d.previous);
+        }
+        let full = build(svcs, slices, Some(&node), &cfg());
+        assert_eq!(state.model, full, "step {i}: incremental != full build");
+        let expected = diff(&previous, &full);
+        assert_eq!(changes, expected.changes, "step {i}: changes");
+        assert_eq!(prev_ports, expected.previous, "step {i}: previous ports");
+        previous = full;
+    }
+    // A rebuild over unchanged objects reports nothing.
+    let (svcs, slices) = steps.last().unwrap();
+    let s: Vec<&Service> = svcs.iter().collect();
+    let e: Vec<&EndpointSlice> = slices.iter().collect();
+    assert!(state.rebuild(&s, &e, Some(&node)).is_empty());
+}

@@ -293,7 +293,7 @@ pub fn check_update_changes_only_one_service(mk: MakeDp, snapshot: fn(&Runner) -
     let new = build_model(&[0, 1]);
     let d = model::diff(&old, &new);
     assert_eq!(d.len(), 2, "web's tcp and udp ports: {d:?}");
-    dp.apply_diff(&old, &new, &d).unwrap();
+    dp.apply_diff(&new, &d).unwrap();
     let after = snapshot(&t.runner());
     assert_eq!(before, after, "objects of other services changed");
     let r = t.tcp_names("198.19.0.10:80", 60, None);
@@ -377,8 +377,8 @@ pub fn check_udp_stream_moves_after_endpoint_removal(mk: MakeDp) {
     let keep: Vec<usize> = (0..3).filter(|i| *i != idx).collect();
     let new = build_model(&keep);
     let d = model::diff(&old, &new);
-    dp.apply_diff(&old, &new, &d).unwrap();
-    let stale = ferry_proxy::conntrack::stale_udp(&old, &new, &d);
+    dp.apply_diff(&new, &d).unwrap();
+    let stale = ferry_proxy::conntrack::stale_udp(&new, &d);
     assert!(!stale.is_empty());
     assert_eq!(ferry_proxy::conntrack::apply(&t.runner(), &stale), 0);
     tx.send(keep).unwrap();
