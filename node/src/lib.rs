@@ -17,6 +17,8 @@ mod agent;
 pub mod backoff;
 pub mod env;
 pub mod events;
+pub mod hosts;
+pub mod lifecycle;
 pub mod logs;
 pub mod nodeinfo;
 pub mod pod;

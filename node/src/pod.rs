@@ -19,6 +19,8 @@ use tokio::sync::mpsc;
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::env::{self, EnvContext};
 use crate::events;
+use crate::hosts;
+use crate::lifecycle::{self, PreStop};
 use crate::logs::{self, LogRegistry, PodLogs};
 use crate::probe::{self, ProbeAction, ProbeKind, ProbeOutcome, ProbeSpec, ProbeTracker};
 use crate::runtime::{self, SpawnSpec};
@@ -574,24 +576,39 @@ impl PodWorker {
         }
     }
 
-    /// SIGTERM, then SIGKILL after `grace`, in the background; the exit comes as a message.
+    /// Stops container `i` in the background (preStop hook, SIGTERM, SIGKILL
+    /// once `grace` is over); the exit comes as a message.
     fn kill_container(&mut self, i: usize, grace: Duration) {
-        let c = &mut self.containers[i];
-        let (Some(pid), Some(ticks)) = (c.running_pid(), c.rec.start_ticks) else {
+        let (Some(target), Some(start_ticks)) =
+            (self.target(i), self.containers[i].rec.start_ticks)
+        else {
             return;
         };
+        let name = self.containers[i].spec.name.clone();
+        let pre_stop = lifecycle::pre_stop(&self.containers[i].spec).unwrap_or_else(|e| {
+            let message = format!("PreStopHook is invalid: {e}");
+            self.emit("Warning", "FailedPreStopHook", &message, Some(&name));
+            None
+        });
+        let c = &mut self.containers[i];
         c.killing = true;
         c.probes.stop();
-        runtime::signal_group(pid, libc::SIGTERM);
-        tokio::spawn(async move {
-            let deadline = Instant::now() + grace;
-            while Instant::now() < deadline && runtime::is_alive(pid, ticks) {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            if runtime::is_alive(pid, ticks) {
-                runtime::signal_group(pid, libc::SIGKILL);
-            }
-        });
+        let (client, pod, node) = (
+            self.ctx.client.clone(),
+            self.pod.clone(),
+            self.ctx.node_name.clone(),
+        );
+        tokio::spawn(target.stop(start_ticks, pre_stop, grace, move |why| {
+            events::emit(
+                &client,
+                &pod,
+                &node,
+                "Warning",
+                "FailedPreStopHook",
+                &format!("PreStopHook failed: {why}"),
+                Some(&field_path(&name)),
+            );
+        }));
     }
 
     fn setup_probes(&mut self, i: usize) {
@@ -630,14 +647,8 @@ impl PodWorker {
     }
 
     fn start_probe_tasks(&mut self, i: usize, kinds: &[ProbeKind]) {
-        let target_ip = self
-            .sandbox
-            .as_ref()
-            .map(|s| s.pod_ip.clone())
-            .unwrap_or_else(|| self.ctx.host_ip.clone());
-        let netns = self.sandbox.as_ref().and_then(|s| s.netns.clone());
+        let Some(target) = self.target(i) else { return };
         let c = &mut self.containers[i];
-        let Some(pid) = c.running_pid() else { return };
         for kind in kinds {
             let slot = match kind {
                 ProbeKind::Readiness => &c.probes.readiness,
@@ -650,15 +661,16 @@ impl PodWorker {
             let name = c.spec.name.clone();
             let generation = c.generation;
             let kind = *kind;
-            let env = c.env.clone();
-            let cwd = c.spec.working_dir.clone().map(PathBuf::from);
-            let ip = target_ip.clone();
-            let netns = netns.clone();
+            let target = target.clone();
             let h = tokio::spawn(async move {
                 tokio::time::sleep(spec.initial_delay).await;
+                // One probe every period from the first on, as the kubelet's
+                // ticker: the time a probe takes does not stretch the period.
+                let mut every = tokio::time::interval(spec.period);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
-                    let outcome =
-                        run_probe(&spec, &ip, &env, cwd.as_deref(), netns.as_deref(), pid).await;
+                    every.tick().await;
+                    let outcome = target.run(&spec.action, spec.timeout).await;
                     let ok = outcome.ok;
                     if tx
                         .send(Msg::Probe {
@@ -674,11 +686,26 @@ impl PodWorker {
                     if kind == ProbeKind::Startup && ok {
                         return;
                     }
-                    tokio::time::sleep(spec.period).await;
                 }
             });
             c.probes.tasks.push(h.abort_handle());
         }
+    }
+
+    /// Where container `i`'s probes and hooks go, while it runs.
+    fn target(&self, i: usize) -> Option<ContainerTarget> {
+        let c = &self.containers[i];
+        Some(ContainerTarget {
+            ip: self
+                .sandbox
+                .as_ref()
+                .map(|s| s.pod_ip.clone())
+                .unwrap_or_else(|| self.ctx.host_ip.clone()),
+            env: c.env.clone(),
+            cwd: c.spec.working_dir.clone().map(PathBuf::from),
+            netns: self.sandbox.as_ref().and_then(|s| s.netns.clone()),
+            pid: c.running_pid()?,
+        })
     }
 
     async fn setup_sandbox(&mut self) -> Result<(), String> {
@@ -833,7 +860,7 @@ impl PodWorker {
                 )
             }
         };
-        let mounts = match volumes::mounts_for(&self.pod, &spec, &vols, &full_env) {
+        let mut mounts = match volumes::mounts_for(&self.pod, &spec, &vols, &full_env) {
             Ok(m) => m,
             Err(e) => {
                 return self.config_error(
@@ -844,6 +871,27 @@ impl PodWorker {
                 )
             }
         };
+        let hostnet = host_network(&self.pod);
+        if let Some(sandbox) = self.sandbox.as_ref().filter(|_| !hostnet) {
+            let aliases = self
+                .pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_aliases.as_deref());
+            let content =
+                hosts::hosts_file(&sandbox.pod_ip, &self.name, aliases.unwrap_or_default());
+            match hosts::hosts_mount(&self.dir, &content, &mounts) {
+                Ok(m) => mounts.extend(m),
+                Err(e) => {
+                    return self.config_error(
+                        i,
+                        "ContainerCreating",
+                        &format!("writing the pod's /etc/hosts: {e}"),
+                        "FailedMount",
+                    )
+                }
+            }
+        }
         let cwd = spec
             .working_dir
             .clone()
@@ -876,7 +924,6 @@ impl PodWorker {
             .find(|(k, _)| k == "PATH")
             .map(|(_, v)| v.clone())
             .unwrap_or_default();
-        let hostnet = host_network(&self.pod);
         let result = env::find_program(
             &argv[0],
             &path_var,
@@ -1187,13 +1234,14 @@ impl PodWorker {
         self.write_status().await;
     }
 
-    /// SIGTERM to every running container, SIGKILL after `grace`, waiting
-    /// (bounded) for their exits.
+    /// Stops every running container at once (preStop hooks, SIGTERM,
+    /// SIGKILL once `grace` is over), waiting (bounded) for their exits.
     async fn stop_all(&mut self, grace: Duration, rx: &mut mpsc::UnboundedReceiver<Msg>) {
-        let running: Vec<(String, u32, u64)> = self
-            .containers
-            .iter()
-            .filter_map(|c| Some((c.spec.name.clone(), c.running_pid()?, c.rec.start_ticks?)))
+        let running: Vec<usize> = (0..self.containers.len())
+            .filter(|&i| {
+                let c = &self.containers[i];
+                c.running_pid().is_some_and(|p| p > 0) && c.rec.start_ticks.is_some()
+            })
             .collect();
         if running.is_empty() {
             return;
@@ -1202,18 +1250,23 @@ impl PodWorker {
             c.probes.stop();
             c.next_start = None;
         }
-        for (name, pid, _) in &running {
+        for i in running {
+            let name = self.containers[i].spec.name.clone();
             self.emit(
                 "Normal",
                 "Killing",
                 &format!("Stopping container {name}"),
-                Some(name),
+                Some(&name),
             );
-            runtime::signal_group(*pid, libc::SIGTERM);
+            // One already being restarted (a failed liveness probe) is on its way out.
+            if !self.containers[i].killing {
+                self.kill_container(i, grace);
+            }
         }
-        let deadline = Instant::now() + grace;
-        let mut killed = false;
-        let hard_deadline = deadline + Duration::from_secs(5);
+        // The stop tasks SIGKILL at the latest MIN_GRACE_AFTER_PRE_STOP after
+        // the grace period; a few seconds more for the exits to be reaped.
+        let hard_deadline =
+            Instant::now() + grace + lifecycle::MIN_GRACE_AFTER_PRE_STOP + Duration::from_secs(3);
         loop {
             let pending = self
                 .containers
@@ -1221,14 +1274,6 @@ impl PodWorker {
                 .any(|c| c.running_pid().is_some_and(|p| p > 0));
             if !pending || Instant::now() >= hard_deadline {
                 break;
-            }
-            if !killed && Instant::now() >= deadline {
-                killed = true;
-                for (_, pid, ticks) in &running {
-                    if runtime::is_alive(*pid, *ticks) {
-                        runtime::signal_group(*pid, libc::SIGKILL);
-                    }
-                }
             }
             tokio::select! {
                 m = rx.recv() => if let Some(m @ Msg::Exited { .. }) = m { self.handle(m) },
@@ -1313,50 +1358,101 @@ pub async fn cleanup_orphan(ctx: Arc<Ctx>, r: PodRecord) {
     let _ = std::fs::remove_dir_all(state::pod_dir(&ctx.data_dir, &r.uid));
 }
 
-/// One probe run.
-pub async fn run_probe(
-    spec: &ProbeSpec,
-    pod_ip: &str,
-    env: &[(String, String)],
-    cwd: Option<&Path>,
-    netns: Option<&Path>,
+/// Where a running container's probes and hooks are aimed: its address,
+/// environment, working directory, network namespace and main process (whose
+/// mount namespace exec handlers join).
+#[derive(Clone, Debug)]
+struct ContainerTarget {
+    ip: String,
+    env: Vec<(String, String)>,
+    cwd: Option<PathBuf>,
+    netns: Option<PathBuf>,
     pid: u32,
-) -> ProbeOutcome {
-    match &spec.action {
-        ProbeAction::Http {
-            host,
-            port,
-            path,
-            headers,
-            ..
-        } => {
-            probe::http_get(
-                host.as_deref().unwrap_or(pod_ip),
-                *port,
+}
+
+impl ContainerTarget {
+    /// Runs one probe or hook handler, bounded by `timeout`.
+    async fn run(&self, action: &ProbeAction, timeout: Duration) -> ProbeOutcome {
+        match action {
+            ProbeAction::Http {
+                host,
+                port,
                 path,
                 headers,
-                spec.timeout,
-            )
-            .await
-        }
-        ProbeAction::Tcp { host, port } => {
-            probe::tcp_connect(host.as_deref().unwrap_or(pod_ip), *port, spec.timeout).await
-        }
-        ProbeAction::Exec { command } => {
-            match runtime::exec_in(
-                command,
-                env,
-                cwd,
-                netns,
-                (pid > 0).then_some(pid),
-                spec.timeout,
-            )
-            .await
-            {
-                Ok((true, _)) => ProbeOutcome::ok(),
-                Ok((false, out)) => ProbeOutcome::fail(out.trim().to_string()),
-                Err(e) => ProbeOutcome::fail(format!("{e:#}")),
+                ..
+            } => {
+                probe::http_get(
+                    host.as_deref().unwrap_or(&self.ip),
+                    *port,
+                    path,
+                    headers,
+                    timeout,
+                )
+                .await
             }
+            ProbeAction::Tcp { host, port } => {
+                probe::tcp_connect(host.as_deref().unwrap_or(&self.ip), *port, timeout).await
+            }
+            ProbeAction::Exec { command } => {
+                match runtime::exec_in(
+                    command,
+                    &self.env,
+                    self.cwd.as_deref(),
+                    self.netns.as_deref(),
+                    (self.pid > 0).then_some(self.pid),
+                    timeout,
+                )
+                .await
+                {
+                    Ok((true, _)) => ProbeOutcome::ok(),
+                    Ok((false, out)) => ProbeOutcome::fail(out.trim().to_string()),
+                    Err(e) => ProbeOutcome::fail(format!("{e:#}")),
+                }
+            }
+        }
+    }
+
+    /// Stops the container as the kubelet does: its preStop hook first
+    /// (bounded by `grace`), then SIGTERM to its process group, then SIGKILL
+    /// once the rest of the grace period has passed. The exit itself arrives
+    /// as `Msg::Exited`; a failed hook is reported to `hook_failed`.
+    async fn stop(
+        self,
+        start_ticks: u64,
+        pre_stop: Option<PreStop>,
+        grace: Duration,
+        hook_failed: impl FnOnce(String),
+    ) {
+        let hook_started = Instant::now();
+        let term_grace = match pre_stop {
+            None => grace,
+            Some(hook) => {
+                let failure = match hook {
+                    PreStop::Sleep(d) => {
+                        tokio::time::sleep(d.min(grace)).await;
+                        None
+                    }
+                    PreStop::Run(action) => {
+                        let outcome = self.run(&action, grace).await;
+                        (!outcome.ok).then_some(outcome.message)
+                    }
+                };
+                if let Some(message) = failure {
+                    hook_failed(message);
+                }
+                lifecycle::grace_after_pre_stop(grace, hook_started.elapsed())
+            }
+        };
+        if !runtime::is_alive(self.pid, start_ticks) {
+            return;
+        }
+        runtime::signal_group(self.pid, libc::SIGTERM);
+        let deadline = Instant::now() + term_grace;
+        while Instant::now() < deadline && runtime::is_alive(self.pid, start_ticks) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if runtime::is_alive(self.pid, start_ticks) {
+            runtime::signal_group(self.pid, libc::SIGKILL);
         }
     }
 }

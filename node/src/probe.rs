@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Container, Probe};
+use k8s_openapi::api::core::v1::{Container, ExecAction, HTTPGetAction, Probe};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -25,6 +25,7 @@ impl ProbeKind {
     }
 }
 
+/// What a probe (or a lifecycle hook, see `lifecycle`) does against its container.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProbeAction {
     Http {
@@ -84,6 +85,42 @@ pub fn resolve_port(port: &IntOrString, container: &Container) -> Result<u16, St
     }
 }
 
+/// An httpGet handler (of a probe or a lifecycle hook).
+pub fn http_action(h: &HTTPGetAction, container: &Container) -> Result<ProbeAction, String> {
+    let https = h
+        .scheme
+        .as_deref()
+        .is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"));
+    if https {
+        return Err("httpGet over HTTPS is not supported".into());
+    }
+    let mut path = h.path.clone().unwrap_or_else(|| "/".into());
+    if !path.starts_with('/') {
+        path.insert(0, '/');
+    }
+    Ok(ProbeAction::Http {
+        host: h.host.clone().filter(|s| !s.is_empty()),
+        port: resolve_port(&h.port, container)?,
+        path,
+        https,
+        headers: h
+            .http_headers
+            .iter()
+            .flatten()
+            .map(|x| (x.name.clone(), x.value.clone()))
+            .collect(),
+    })
+}
+
+/// An exec handler (of a probe or a lifecycle hook).
+pub fn exec_action(e: &ExecAction) -> Result<ProbeAction, String> {
+    let command = e.command.clone().unwrap_or_default();
+    if command.is_empty() {
+        return Err("exec handler has no command".into());
+    }
+    Ok(ProbeAction::Exec { command })
+}
+
 /// The probe with the kubelet's defaults (period 10 s, timeout 1 s, success 1,
 /// failure 3). Liveness and startup probes need successThreshold 1.
 pub fn probe_spec(
@@ -92,40 +129,14 @@ pub fn probe_spec(
     container: &Container,
 ) -> Result<ProbeSpec, String> {
     let action = if let Some(h) = &probe.http_get {
-        let https = h
-            .scheme
-            .as_deref()
-            .is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"));
-        if https {
-            return Err("httpGet probes over HTTPS are not supported".into());
-        }
-        let mut path = h.path.clone().unwrap_or_else(|| "/".into());
-        if !path.starts_with('/') {
-            path.insert(0, '/');
-        }
-        ProbeAction::Http {
-            host: h.host.clone().filter(|s| !s.is_empty()),
-            port: resolve_port(&h.port, container)?,
-            path,
-            https,
-            headers: h
-                .http_headers
-                .iter()
-                .flatten()
-                .map(|x| (x.name.clone(), x.value.clone()))
-                .collect(),
-        }
+        http_action(h, container)?
     } else if let Some(t) = &probe.tcp_socket {
         ProbeAction::Tcp {
             host: t.host.clone().filter(|s| !s.is_empty()),
             port: resolve_port(&t.port, container)?,
         }
     } else if let Some(e) = &probe.exec {
-        let command = e.command.clone().unwrap_or_default();
-        if command.is_empty() {
-            return Err("exec probe has no command".into());
-        }
-        ProbeAction::Exec { command }
+        exec_action(e)?
     } else if probe.grpc.is_some() {
         return Err("grpc probes are not supported".into());
     } else {

@@ -421,7 +421,7 @@ fn node_agent_runs_pods_end_to_end() {
                 "volumes": [{"name": "www", "configMap": {"name": "web-cfg"}}],
                 "containers": [{"name": "web", "image": "python", "workingDir": "/",
                     "command": ["sh", "-c"],
-                    "args": ["echo greeting=$GREETING ip=$MY_IP name=$(MY_NAME); exec python3 -m http.server 8080 --bind 0.0.0.0 --directory $(DIR)"],
+                    "args": ["echo greeting=$GREETING ip=$MY_IP name=$(MY_NAME) self=`getent hosts web`; exec python3 -m http.server 8080 --bind 0.0.0.0 --directory $(DIR)"],
                     "env": [
                         {"name": "GREETING", "valueFrom": {"configMapKeyRef": {"name": "web-cfg", "key": "greeting"}}},
                         {"name": "MY_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
@@ -470,6 +470,8 @@ fn node_agent_runs_pods_end_to_end() {
             let (code, body) = http(&format!("{NODE_IP}:10250"), "/containerLogs/default/web/web?tailLines=50").await.unwrap();
             assert_eq!(code, 200);
             assert!(body.contains(&format!("greeting=hi ip={ip} name=web")), "{body}");
+            // The pod's own name resolves from its managed /etc/hosts, without DNS.
+            assert!(body.contains(&format!("self={ip} ")), "{body}");
             assert_eq!(http(&format!("{NODE_IP}:10250"), "/healthz").await.unwrap().0, 200);
 
             // Crash loop with backoff (base 1 s here), exit code kept.
@@ -545,6 +547,38 @@ fn node_agent_runs_pods_end_to_end() {
             std::fs::write(flags.join("sick"), "").unwrap();
             wait_pod(&pods, "probed", "liveness restart", T, |p| cs(p)["restartCount"].as_i64().unwrap_or(0) >= 1).await;
             std::fs::remove_file(flags.join("sick")).unwrap();
+
+            // preStop hooks run before SIGTERM, in every container at once: exec (with the
+            // container's environment), sleep, and a failing httpGet that is reported and
+            // does not hold the stop up.
+            let order = flags.join("graceful");
+            let traps = |name: &str| format!("trap 'echo {name}-term >> $LOG; exit 0' TERM; while true; do sleep 0.1; done");
+            create_pod(&pods, &guard, json!({"metadata": {"name": "graceful"}, "spec": {"terminationGracePeriodSeconds": 10,
+                "containers": [
+                    {"name": "exec", "command": ["sh", "-c", traps("exec")], "env": [{"name": "LOG", "value": order}],
+                     "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", "echo exec-hook >> $LOG"]}}}},
+                    {"name": "sleep", "command": ["sh", "-c", traps("sleep")], "env": [{"name": "LOG", "value": order}],
+                     "lifecycle": {"preStop": {"sleep": {"seconds": 2}}}},
+                    {"name": "broken", "command": ["sh", "-c", traps("broken")], "env": [{"name": "LOG", "value": order}],
+                     "lifecycle": {"preStop": {"httpGet": {"port": 1, "path": "/drain"}}}}]}})).await;
+            wait_pod(&pods, "graceful", "graceful running", T, |p| cond(p, "Ready") == "True").await;
+            let t0 = Instant::now();
+            pods.delete("graceful", &DeleteParams::default()).await.unwrap();
+            wait_pod(&pods, "graceful", "graceful removed", T, |p| p.is_none()).await;
+            let stopped_after = t0.elapsed();
+            let lines = std::fs::read_to_string(&order).unwrap();
+            let lines: Vec<&str> = lines.lines().collect();
+            assert_eq!(lines.last(), Some(&"sleep-term"), "the sleep hook holds SIGTERM back: {lines:?}");
+            let at = |l: &str| lines.iter().position(|x| *x == l).unwrap_or_else(|| panic!("{l} missing: {lines:?}"));
+            assert!(at("exec-hook") < at("exec-term"), "{lines:?}");
+            assert!(at("broken-term") < at("sleep-term"), "{lines:?}");
+            assert!(stopped_after >= Duration::from_secs(2), "removed after {stopped_after:?}");
+            let evs = events.list(&ListParams::default()).await.unwrap();
+            let hook_failed = evs.items.iter().find(|e| {
+                e.involved_object.name.as_deref() == Some("graceful") && e.reason.as_deref() == Some("FailedPreStopHook")
+            });
+            let hook_failed = hook_failed.expect("a FailedPreStopHook event for the httpGet hook");
+            assert_eq!(hook_failed.involved_object.field_path.as_deref(), Some("spec.containers{broken}"));
 
             // Graceful stop: TERM ignored → SIGKILL after the grace period, then the pod is removed.
             create_pod(&pods, &guard, json!({"metadata": {"name": "stubborn"}, "spec": {"terminationGracePeriodSeconds": 2,
