@@ -44,6 +44,8 @@ fn color(mode: &str) -> RGBColor {
     match mode {
         "nftables" => RGBColor(66, 133, 244),
         "iptables" => RGBColor(244, 160, 0),
+        "vxlan" => RGBColor(15, 157, 88),
+        "host-gw" => RGBColor(171, 71, 188),
         "kube-proxy" | "kube-proxy (FACTS.md)" => RGBColor(219, 68, 55),
         _ => RGBColor(120, 120, 120),
     }

@@ -3,7 +3,7 @@
 //! request/response latency over a persistent connection, new connections per
 //! second, and UDP request/response rate (ferry-bench's tokio load generator).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,30 +13,108 @@ use serde_json::json;
 
 use crate::cluster::{self, progress, ControlPlane, NsRuntime, Proxy, BENCH_NS};
 use crate::loadgen;
-use crate::report::{fill_ratios, Record, Report};
+use crate::report::{Record, Report};
 use crate::stats::{p50_p99, Summary};
 use crate::topology::{self, Topology};
 use crate::Ctx;
+use ferry_testkit::{ChildGuard, Netns};
 
-const IPERF_PORT: u16 = 5201;
-const RR_PORT: u16 = 7000;
-const UDP_PORT: u16 = 7001;
+pub(crate) const IPERF_PORT: u16 = 5201;
+pub(crate) const RR_PORT: u16 = 7000;
+pub(crate) const UDP_PORT: u16 = 7001;
 const OWN: &str = "ferry-bench (tokio load generator)";
 
-struct Sizes {
-    runs: usize,
-    tput_secs: u32,
-    secs: f64,
-    conc: usize,
+/// Run counts and durations of one measurement pass.
+pub(crate) struct Sizes {
+    pub runs: usize,
+    pub tput_secs: u32,
+    pub secs: f64,
+    pub conc: usize,
 }
 
-/// Where a path sends each kind of traffic.
-struct Path {
-    path: &'static str,
-    mode: &'static str,
-    iperf: SocketAddr,
-    rr: SocketAddr,
-    udp: SocketAddr,
+/// The namespace a path's load generators run in: iperf3 -c through
+/// `ip netns exec`, ferry-bench's tokio load generator on `rt`.
+pub(crate) struct Client {
+    pub ns: String,
+    pub rt: NsRuntime,
+}
+
+impl Client {
+    pub fn new(ns: &Netns) -> Result<Client> {
+        Ok(Client {
+            ns: ns.name().to_string(),
+            rt: NsRuntime::new(ns.name(), 2)?,
+        })
+    }
+}
+
+/// Where a path sends each kind of traffic, and from which client.
+pub(crate) struct Path<'a> {
+    pub path: &'static str,
+    pub mode: &'static str,
+    pub client: &'a Client,
+    pub iperf: SocketAddr,
+    pub rr: SocketAddr,
+    pub udp: SocketAddr,
+}
+
+impl<'a> Path<'a> {
+    /// A path straight to the servers [`Servers::start`] runs on `ip`.
+    pub fn to_servers(
+        path: &'static str,
+        mode: &'static str,
+        client: &'a Client,
+        ip: IpAddr,
+    ) -> Path<'a> {
+        Path {
+            path,
+            mode,
+            client,
+            iperf: SocketAddr::new(ip, IPERF_PORT),
+            rr: SocketAddr::new(ip, RR_PORT),
+            udp: SocketAddr::new(ip, UDP_PORT),
+        }
+    }
+}
+
+/// The servers every path ends at, in one namespace: `iperf3 -s` and the TCP and
+/// UDP echo servers, bound to one address; stopped on drop.
+pub(crate) struct Servers {
+    _iperf: ChildGuard,
+    _rt: NsRuntime,
+}
+
+impl Servers {
+    pub fn start(ns: &Netns, ip: IpAddr) -> Result<Servers> {
+        let iperf = ChildGuard::new(
+            ns.command("iperf3")
+                .args(["-s", "-p", &IPERF_PORT.to_string(), "-B", &ip.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+        let rt = NsRuntime::new(ns.name(), 1)?;
+        rt.spawn(loadgen::tcp_echo_server(SocketAddr::new(ip, RR_PORT)));
+        rt.spawn(loadgen::udp_echo_server(SocketAddr::new(ip, UDP_PORT)));
+        Ok(Servers {
+            _iperf: iperf,
+            _rt: rt,
+        })
+    }
+}
+
+/// Fails unless iperf3 can be run.
+pub(crate) fn require_iperf3() -> Result<()> {
+    if Command::new("iperf3")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        bail!("iperf3 is not installed (`make deps` installs it)");
+    }
+    Ok(())
 }
 
 pub async fn run(ctx: &Ctx) -> Result<Report> {
@@ -55,14 +133,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
             conc: 8,
         }
     };
-    if Command::new("iperf3")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_err()
-    {
-        bail!("iperf3 is not installed (`make deps` installs it)");
-    }
+    require_iperf3()?;
     let mut rep = Report::new(
         "datapath",
         "Datapath: client → backend, direct vs through ferry proxy",
@@ -75,32 +146,9 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         topo.backend().name(),
         topo.cp.name()
     ));
-    // Servers in the backend namespace.
-    let _iperf = ferry_testkit::ChildGuard::new(
-        topo.backend()
-            .command("iperf3")
-            .args([
-                "-s",
-                "-p",
-                &IPERF_PORT.to_string(),
-                "-B",
-                topology::BACKEND_IP,
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    let server_rt = NsRuntime::new(topo.backend().name(), 1)?;
-    server_rt.spawn(loadgen::tcp_echo_server(SocketAddr::new(
-        topology::BACKEND_IP.parse()?,
-        RR_PORT,
-    )));
-    server_rt.spawn(loadgen::udp_echo_server(SocketAddr::new(
-        topology::BACKEND_IP.parse()?,
-        UDP_PORT,
-    )));
-    let client_rt = NsRuntime::new(topo.client().name(), 2)?;
+    let be: IpAddr = topology::BACKEND_IP.parse()?;
+    let servers = Servers::start(topo.backend(), be)?;
+    let client = Client::new(topo.client())?;
 
     // The service and its endpoint.
     let cp = ControlPlane::start(&ctx.ferry, &topo.cp, topology::CP_IP)?;
@@ -111,22 +159,15 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         "datapath: service dp has ClusterIP {cluster_ip}, node ports {node_ports:?}"
     ));
 
-    let be: std::net::IpAddr = topology::BACKEND_IP.parse()?;
-    let direct = Path {
-        path: "direct",
-        mode: "-",
-        iperf: SocketAddr::new(be, IPERF_PORT),
-        rr: SocketAddr::new(be, RR_PORT),
-        udp: SocketAddr::new(be, UDP_PORT),
-    };
-    wait_path(&client_rt, direct.rr)
+    let direct = Path::to_servers("direct", "-", &client, be);
+    wait_path(&direct)
         .await
         .context("direct path does not work")?;
     let mut sm = Samples::default();
     let mut notes = Vec::new();
 
-    let cip: std::net::IpAddr = cluster_ip.parse()?;
-    let nip: std::net::IpAddr = topology::NODE_IP.parse()?;
+    let cip: IpAddr = cluster_ip.parse()?;
+    let nip: IpAddr = topology::NODE_IP.parse()?;
     let logdir = tempfile::Builder::new()
         .prefix("ferry-bench-dp-")
         .tempdir()?;
@@ -142,16 +183,11 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
             &logdir.path().join(format!("proxy-{mode}.log")),
         )?;
         let paths = [
-            Path {
-                path: "clusterip",
-                mode,
-                iperf: SocketAddr::new(cip, IPERF_PORT),
-                rr: SocketAddr::new(cip, RR_PORT),
-                udp: SocketAddr::new(cip, UDP_PORT),
-            },
+            Path::to_servers("clusterip", mode, &client, cip),
             Path {
                 path: "nodeport",
                 mode,
+                client: &client,
                 iperf: SocketAddr::new(nip, node_ports[0]),
                 rr: SocketAddr::new(nip, node_ports[1]),
                 udp: SocketAddr::new(nip, node_ports[2]),
@@ -159,7 +195,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         ];
         let mut live = vec![&direct];
         for p in &paths {
-            if let Err(e) = wait_path(&client_rt, p.rr).await {
+            if let Err(e) = wait_path(p).await {
                 if let Some(x) = proxy.exited() {
                     bail!("{x}");
                 }
@@ -172,26 +208,18 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
             }
             live.push(p);
         }
-        measure(
-            &mut sm,
-            &mut notes,
-            &client_rt,
-            topo.client().name(),
-            &live,
-            &z,
-        )
-        .await?;
+        measure(&mut sm, &mut notes, &live, &z, "datapath").await?;
         if let Some((rss, _)) = cluster::rss_mib(proxy.child.id()) {
             progress(format!("datapath: proxy ({mode}) RSS {rss:.0} MiB"));
         }
         proxy.child.kill();
     }
     cluster::proxy_cleanup(&ctx.ferry, &topo.node)?;
-    rep.records = sm.records();
+    rep.records = sm.records("direct");
     for n in notes {
         rep.note(n);
     }
-    fill_ratios(&mut rep.records);
+    rep.fill_ratios();
     for mode in ["nftables", "iptables"] {
         let ratio = rep
             .find("clusterip", mode, "TCP throughput")
@@ -207,8 +235,8 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         "Topology: client ns → node ns (ferry proxy, forwarding) → backend ns over veths; `direct` is the client talking to the backend's IP through the same node (routed, no NAT), measured while each proxy mode is loaded, as pod-to-pod traffic is in a cluster (so it has 2 × runs samples); it is the limit for the other paths. Runs alternate direct / ClusterIP / NodePort so the machine's noise hits all paths alike. The client is inside the cluster CIDR, so ClusterIP traffic is DNATed only; NodePort traffic (to the node's IP) is DNATed and masqueraded, as kube-proxy does for externalTrafficPolicy Cluster. Throughput: iperf3 -J, one TCP stream, {} s per run. Latency: {MSG}-byte request/response on one persistent TCP connection, {:.1} s per run. Connections: {} concurrent clients, each connection carries one {MSG}-byte request and its response, {:.1} s per run. UDP: {} sockets, one {MSG}-byte datagram in flight each, {:.1} s per run. Everything shares 2 cores, so these are ratios more than absolutes.",
         z.tput_secs, z.secs, z.conc, z.secs, z.conc, z.secs, MSG = loadgen::MSG
     ));
-    drop(client_rt);
-    drop(server_rt);
+    drop(client);
+    drop(servers);
     drop(cp_rt);
     drop(cp);
     drop(topo);
@@ -261,19 +289,22 @@ async fn create_objects(kubeconfig: std::path::PathBuf) -> Result<(String, Vec<u
     Ok((ip, np))
 }
 
-/// Waits (≤ 30 s) until one request/response through `target` works.
-async fn wait_path(rt: &NsRuntime, target: SocketAddr) -> Result<()> {
-    rt.run(async move {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match loadgen::tcp_ping(target).await {
-                Ok(()) => return Ok(()),
-                Err(e) if Instant::now() > deadline => return Err(e),
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+/// Waits (≤ 30 s) until one request/response through the path works.
+pub(crate) async fn wait_path(p: &Path<'_>) -> Result<()> {
+    let target = p.rr;
+    p.client
+        .rt
+        .run(async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                match loadgen::tcp_ping(target).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) if Instant::now() > deadline => return Err(e),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
             }
-        }
-    })
-    .await
+        })
+        .await
 }
 
 /// iperf3 in the client namespace; Gbit/s received.
@@ -320,7 +351,7 @@ fn iperf3(client_ns: &str, target: SocketAddr, secs: u32) -> Result<f64> {
 
 /// Samples per (path, mode, metric), in first-seen order.
 #[derive(Default)]
-struct Samples {
+pub(crate) struct Samples {
     order: Vec<(String, String, &'static str, &'static str, &'static str)>,
     values: Vec<Vec<f64>>,
 }
@@ -328,7 +359,7 @@ struct Samples {
 impl Samples {
     fn add(
         &mut self,
-        p: &Path,
+        p: &Path<'_>,
         metric: &'static str,
         unit: &'static str,
         tool: &'static str,
@@ -344,26 +375,28 @@ impl Samples {
         }
     }
 
-    fn records(&self) -> Vec<Record> {
+    /// One record per (path, mode, metric): the `reference` path first, then mode
+    /// by mode in the order first measured, paths by name within a mode.
+    pub fn records(&self, reference: &str) -> Vec<Record> {
         let mut out: Vec<Record> = Vec::new();
         for (k, v) in self.order.iter().zip(&self.values) {
             if let Some(s) = Summary::of(v) {
                 out.push(Record::new(&k.0, &k.1, k.2, k.3, s, k.4));
             }
         }
-        // direct first, then by mode and path as measured
-        out.sort_by_key(|r| {
-            (
-                r.path != "direct",
-                r.mode.clone() != "nftables",
-                r.path.clone(),
-            )
-        });
+        let mut modes: Vec<String> = Vec::new();
+        for (_, mode, ..) in &self.order {
+            if !modes.contains(mode) {
+                modes.push(mode.clone());
+            }
+        }
+        let mode_rank = |m: &str| modes.iter().position(|x| x == m);
+        out.sort_by_key(|r| (r.path != reference, mode_rank(&r.mode), r.path.clone()));
         out
     }
 }
 
-fn label(p: &Path) -> String {
+fn label(p: &Path<'_>) -> String {
     if p.mode == "-" {
         p.path.to_string()
     } else {
@@ -371,48 +404,49 @@ fn label(p: &Path) -> String {
     }
 }
 
-const TPUT: &str = "TCP throughput";
+pub(crate) const TPUT: &str = "TCP throughput";
 const P50: &str = "TCP request/response latency p50";
 const P99: &str = "TCP request/response latency p99";
 const CRR: &str = "new TCP connections (1 request each)";
 const UDP: &str = "UDP request/response rate";
 
 /// Measures `paths` metric by metric, interleaving the paths run by run so that
-/// machine noise hits them alike.
-async fn measure(
+/// machine noise hits them alike. Progress lines start with `suite`.
+pub(crate) async fn measure(
     sm: &mut Samples,
     notes: &mut Vec<String>,
-    rt: &NsRuntime,
-    client_ns: &str,
-    paths: &[&Path],
+    paths: &[&Path<'_>],
     z: &Sizes,
+    suite: &str,
 ) -> Result<()> {
     let dur = Duration::from_secs_f64(z.secs);
     for run in 0..z.runs {
         for p in paths {
-            let (ns, t, secs) = (client_ns.to_string(), p.iperf, z.tput_secs);
+            let (ns, t, secs) = (p.client.ns.clone(), p.iperf, z.tput_secs);
             match tokio::task::spawn_blocking(move || iperf3(&ns, t, secs)).await? {
                 Ok(g) => {
                     progress(format!(
-                        "datapath: {}: TCP throughput run {}: {g:.2} Gbit/s",
+                        "{suite}: {}: TCP throughput run {}: {g:.2} Gbit/s",
                         label(p),
                         run + 1
                     ));
                     sm.add(p, TPUT, "Gbit/s", "iperf3", g)
                 }
-                Err(e) => progress(format!("datapath: {}: iperf3 run failed: {e:#}", label(p))),
+                Err(e) => progress(format!("{suite}: {}: iperf3 run failed: {e:#}", label(p))),
             }
         }
     }
     for run in 0..z.runs {
         for p in paths {
             let t = p.rr;
-            let mut lat = rt
+            let mut lat = p
+                .client
+                .rt
                 .run(async move { loadgen::tcp_rr(t, dur, 200_000).await })
                 .await?;
             let n = lat.len();
             if let Some((a, b)) = p50_p99(&mut lat) {
-                progress(format!("datapath: {}: request/response run {}: p50 {a:.1} µs, p99 {b:.1} µs ({n} requests)", label(p), run + 1));
+                progress(format!("{suite}: {}: request/response run {}: p50 {a:.1} µs, p99 {b:.1} µs ({n} requests)", label(p), run + 1));
                 sm.add(p, P50, "µs", OWN, a);
                 sm.add(p, P99, "µs", OWN, b);
             }
@@ -421,11 +455,13 @@ async fn measure(
     for run in 0..z.runs {
         for p in paths {
             let (t, conc) = (p.rr, z.conc);
-            let (n, e, secs) = rt
+            let (n, e, secs) = p
+                .client
+                .rt
                 .run(async move { loadgen::tcp_crr(t, conc, dur, 500_000).await })
                 .await?;
             progress(format!(
-                "datapath: {}: connections run {}: {:.0}/s ({e} failed)",
+                "{suite}: {}: connections run {}: {:.0}/s ({e} failed)",
                 label(p),
                 run + 1,
                 n as f64 / secs
@@ -444,11 +480,13 @@ async fn measure(
     for run in 0..z.runs {
         for p in paths {
             let (t, conc) = (p.udp, z.conc);
-            let (n, l, secs) = rt
+            let (n, l, secs) = p
+                .client
+                .rt
                 .run(async move { loadgen::udp_rr(t, conc, dur, 2_000_000).await })
                 .await?;
             progress(format!(
-                "datapath: {}: UDP run {}: {:.0} req/s ({l} lost)",
+                "{suite}: {}: UDP run {}: {:.0} req/s ({l} lost)",
                 label(p),
                 run + 1,
                 n as f64 / secs

@@ -6,7 +6,9 @@
 //! Suites: `controlplane` (list / watch fan-out / writes / RSS at 10,000 services
 //! and 100,000 endpoints), `programming` (full sync and change-to-live of the
 //! nftables and iptables modes), `datapath` (direct vs ClusterIP vs NodePort:
-//! throughput, latency, connection rate, UDP rate). Everything runs between
+//! throughput, latency, connection rate, UDP rate), `overlay` (pod → pod across
+//! nodes over VXLAN and host-gw vs the underlay between the nodes, same figures).
+//! Everything runs between
 //! network namespaces the bench makes and removes; every loop is bounded.
 
 pub mod chart;
@@ -14,6 +16,7 @@ pub mod cluster;
 pub mod controlplane;
 pub mod datapath;
 pub mod loadgen;
+pub mod overlay;
 pub mod programming;
 pub mod report;
 pub mod stats;
@@ -30,6 +33,7 @@ pub enum Suite {
     Controlplane,
     Programming,
     Datapath,
+    Overlay,
     All,
 }
 
@@ -39,6 +43,7 @@ impl Suite {
             Suite::Controlplane => "controlplane",
             Suite::Programming => "programming",
             Suite::Datapath => "datapath",
+            Suite::Overlay => "overlay",
             Suite::All => "all",
         }
     }
@@ -46,7 +51,7 @@ impl Suite {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
-    /// Suite to run: controlplane, programming, datapath or all.
+    /// Suite to run: controlplane, programming, datapath, overlay or all.
     #[arg(value_enum)]
     pub suite: Suite,
     /// Shrink counts and durations (a smoke run of a minute or two).
@@ -82,7 +87,12 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         out: args.out.clone(),
     };
     let suites: Vec<Suite> = match args.suite {
-        Suite::All => vec![Suite::Controlplane, Suite::Programming, Suite::Datapath],
+        Suite::All => vec![
+            Suite::Controlplane,
+            Suite::Programming,
+            Suite::Datapath,
+            Suite::Overlay,
+        ],
         s => vec![s],
     };
     let env = report::environment();
@@ -101,6 +111,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             Suite::Controlplane => controlplane::run(&ctx).await,
             Suite::Programming => programming::run(&ctx).await,
             Suite::Datapath => datapath::run(&ctx).await,
+            Suite::Overlay => overlay::run(&ctx).await,
             Suite::All => unreachable!(),
         };
         match r {

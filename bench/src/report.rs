@@ -22,7 +22,8 @@ pub struct Record {
     pub min: f64,
     pub max: f64,
     pub runs: usize,
-    /// median / the direct path's median for the same metric (datapath suite only).
+    /// median / the reference path's median for the same metric (`direct` in the
+    /// datapath suite, `underlay` in the overlay suite; None elsewhere).
     pub ratio_to_direct: Option<f64>,
     /// What produced the number (iperf3, ferry-bench's own load generator, ...).
     pub tool: String,
@@ -54,11 +55,11 @@ impl Record {
     }
 }
 
-/// Fills `ratio_to_direct` for every record whose metric has a `direct` record.
-pub fn fill_ratios(records: &mut [Record]) {
+/// Fills `ratio_to_direct` for every record whose metric has a `reference` path record.
+pub fn fill_ratios(records: &mut [Record], reference: &str) {
     let direct: Vec<(String, f64)> = records
         .iter()
-        .filter(|r| r.path == "direct")
+        .filter(|r| r.path == reference)
         .map(|r| (r.metric.clone(), r.median))
         .collect();
     for r in records.iter_mut() {
@@ -78,6 +79,8 @@ pub struct Report {
     pub records: Vec<Record>,
     /// Free text shown under the table (targets, comparisons, how it was measured).
     pub notes: Vec<String>,
+    /// The path ratios are taken against (the limit the others are measured by).
+    pub reference: String,
 }
 
 /// Formats a figure with a precision that suits its size.
@@ -114,8 +117,14 @@ impl Report {
         Report {
             suite: suite.into(),
             title: title.into(),
+            reference: "direct".into(),
             ..Default::default()
         }
+    }
+
+    /// Fills every record's ratio to the reference path.
+    pub fn fill_ratios(&mut self) {
+        fill_ratios(&mut self.records, &self.reference);
     }
 
     pub fn push(&mut self, r: Record) {
@@ -139,7 +148,7 @@ impl Report {
         let mut s = String::new();
         s.push_str("| path | mode | metric | median | min | max | unit | runs |");
         if with_ratio {
-            s.push_str(" × direct |");
+            let _ = write!(s, " × {} |", self.reference);
         }
         s.push_str(" tool |\n|---|---|---|--:|--:|--:|---|--:|");
         if with_ratio {
@@ -256,7 +265,7 @@ mod tests {
             rec("clusterip", "nftables", "tcp throughput", 38.0),
             rec("clusterip", "nftables", "other", 1.0),
         ];
-        fill_ratios(&mut recs);
+        fill_ratios(&mut recs, "direct");
         assert_eq!(recs[0].ratio_to_direct, Some(1.0));
         assert_eq!(recs[1].ratio_to_direct, Some(0.95));
         assert_eq!(recs[2].ratio_to_direct, None);

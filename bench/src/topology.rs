@@ -100,10 +100,7 @@ impl Topology {
         // Service IPs without rules are routed towards the client side (and so
         // rejected by the proxy's rules, never leaked).
         t.node.add_route("default", CLIENT_IP)?;
-        // Many short connections from one client: use the whole port range and
-        // reuse TIME_WAIT ports, so connection-rate runs never starve.
-        client.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
-        client.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        tune_client(&client)?;
         t.client = Some(client);
         t.backend = Some(backend);
         Ok(t)
@@ -116,4 +113,11 @@ impl Topology {
     pub fn backend(&self) -> &Netns {
         self.backend.as_ref().expect("full topology")
     }
+}
+
+/// Many short connections from one client: use the whole port range and reuse
+/// TIME_WAIT ports, so connection-rate runs never starve.
+pub fn tune_client(ns: &Netns) -> Result<()> {
+    ns.sysctl("net.ipv4.ip_local_port_range", "1024 65000")?;
+    ns.sysctl("net.ipv4.tcp_tw_reuse", "1")
 }

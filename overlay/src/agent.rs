@@ -60,6 +60,11 @@ pub struct OverlayArgs {
     /// Pod MTU (default: underlay MTU − 50 for VXLAN, the underlay MTU for host-gw).
     #[arg(long)]
     pub mtu: Option<u32>,
+    /// TX checksum offload on the VXLAN device (default: on from Linux 5.7, whose
+    /// NAT no longer corrupts VXLAN checksums; off before, as flannel). Set false
+    /// when the underlay NIC or a NAT on the way mishandles offloaded checksums.
+    #[arg(long, action = clap::ArgAction::Set)]
+    pub vxlan_tx_checksum_offload: Option<bool>,
     /// Full reconcile period in seconds (also after every Node change).
     #[arg(long, default_value_t = 10)]
     pub resync_seconds: u64,
@@ -134,6 +139,9 @@ pub async fn run(args: OverlayArgs) -> Result<()> {
     cfg.subnet_file = args.subnet_file.clone();
     cfg.ip_masq = args.ip_masq;
     cfg.mtu = args.mtu;
+    if let Some(on) = args.vxlan_tx_checksum_offload {
+        cfg.vxlan_tx_checksum_offload = on;
+    }
     let mut rec = Reconciler::new(cfg).await?;
     let want_ann = rec.annotations();
     let mut published = publish(&api, &name, &want_ann)

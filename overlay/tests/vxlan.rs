@@ -9,7 +9,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use ferry_overlay::netlink::ethtool;
 use ferry_overlay::node::{Backend, ANN_BACKEND_DATA, ANN_BACKEND_TYPE, ANN_PUBLIC_IP};
+use ferry_overlay::reconciler::vxlan_nat_checksum_fixed;
 use ferry_testkit::{require_root, tcp_request, udp_request, wait_for};
 
 const T: Duration = Duration::from_secs(3);
@@ -153,55 +155,43 @@ fn vxlan_underlay_capture_and_16mib_transfer() {
     let p2 = c.nodes[1].add_pod("p2").unwrap();
     let _u2 = p2.ns.serve_udp("0.0.0.0:8081", "p2").unwrap();
 
-    // Capture on node-1's port of the underlay bridge while pod 1 sends UDP to pod 2.
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let cap = c.fabric.spawn_thread(move || {
-        let cap = Capture::open("p1")?;
-        ready_tx.send(()).ok();
-        Ok(cap.read(Duration::from_secs(3), 200))
-    });
-    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-    for _ in 0..3 {
-        assert_eq!(
-            udp(&p1.ns, format!("{}:8081", p2.ip)),
-            format!("p2 {}", p1.ip)
-        );
+    // flannel.1 keeps TX checksum offload exactly when the kernel has the fix for
+    // the NAT checksum bug flannel turns it off against.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let offload = c.nodes[0]
+        .ns
+        .run(|| Ok(ethtool::tx_checksum("flannel.1")?))
+        .unwrap();
+    assert_eq!(offload, vxlan_nat_checksum_fixed(&release), "{release}");
+    // The underlay as a NIC without checksum offload: the kernel completes every
+    // checksum before a frame leaves, so the capture sees the bytes a wire carries
+    // (a veth with offload would pass inner checksums still partial, for the
+    // receiving kernel to trust).
+    for n in &c.nodes {
+        n.ns.run(|| Ok(ethtool::set_tx_checksum("eth0", false)?))
+            .unwrap();
     }
-    let frames = cap.join().unwrap().unwrap();
-    let vx: Vec<VxlanPacket> = frames.iter().filter_map(|f| decode_vxlan(f)).collect();
-    let req = vx
-        .iter()
-        .find(|p| p.inner_src == p1.ip && p.inner_dst == p2.ip && p.inner_proto == 17)
-        .unwrap_or_else(|| {
-            panic!(
-                "no VXLAN packet pod1->pod2 among {} frames: {vx:?}",
-                frames.len()
-            )
-        });
-    assert_eq!(req.udp_dst, 8472);
-    assert_eq!(req.vni, 1);
-    assert_eq!(req.outer_src.to_string(), "198.18.0.1");
-    assert_eq!(req.outer_dst.to_string(), "198.18.0.2");
-    let reply = vx
-        .iter()
-        .find(|p| p.inner_src == p2.ip && p.inner_dst == p1.ip)
-        .expect("VXLAN reply pod2->pod1");
-    assert_eq!((reply.vni, reply.udp_dst), (1, 8472));
-    // Outer UDP checksum zero (udpcsum off: valid for IPv4 per RFC 7348); inner
-    // UDP checksums complete and valid (tx checksum offload off on flannel.1, as
-    // flannel does against the kernel's VXLAN offload checksum bug).
-    for p in &vx {
-        assert!(
-            p.udp_checksum_ok,
-            "bad outer UDP checksum {:#x}: {p:?}",
-            p.udp_checksum
-        );
-        assert_eq!(
-            p.inner_udp_checksum_ok,
-            Some(true),
-            "inner UDP checksum: {p:?}"
-        );
-    }
+    check_vxlan_checksums(&c, &p1, &p2);
+    // flannel's bug case (flannel-io/flannel#1279): the encapsulated packets are
+    // masqueraded with random ports, as kube-proxy's KUBE-POSTROUTING does for
+    // marked traffic, so NAT rewrites the outer UDP header; its zero checksum
+    // must stay zero (a corrupted one makes the receiver drop the packet).
+    c.nodes[0]
+        .ns
+        .exec(&[
+            "nft",
+            "add table ip test_masq; add chain ip test_masq post { type nat hook postrouting priority srcnat; }; add rule ip test_masq post udp dport 8472 counter masquerade random,fully-random",
+        ])
+        .unwrap();
+    check_vxlan_checksums(&c, &p1, &p2);
+    let rule = c.nodes[0]
+        .ns
+        .exec(&["nft", "list", "chain", "ip", "test_masq", "post"])
+        .unwrap();
+    assert!(
+        !rule.contains("counter packets 0 "),
+        "not masqueraded: {rule}"
+    );
 
     // 16 MiB over TCP at the overlay MTU, verified by length and hash.
     const SIZE: usize = 16 << 20;
@@ -285,6 +275,58 @@ fn vxlan_underlay_capture_and_16mib_transfer() {
             Ok(())
         })
         .unwrap();
+}
+
+/// Captures on node-1's port of the underlay bridge while pod 1 sends UDP to
+/// pod 2 and back, and checks the VXLAN frames: VNI 1, port 8472, node
+/// addresses outside; outer UDP checksum zero (udpcsum off: valid for IPv4 per
+/// RFC 7348) or valid; inner UDP checksums complete and valid.
+fn check_vxlan_checksums(c: &Cluster, p1: &Pod, p2: &Pod) {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let cap = c.fabric.spawn_thread(move || {
+        let cap = Capture::open("p1")?;
+        ready_tx.send(()).ok();
+        Ok(cap.read(Duration::from_secs(3), 200))
+    });
+    ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            udp(&p1.ns, format!("{}:8081", p2.ip)),
+            format!("p2 {}", p1.ip)
+        );
+    }
+    let frames = cap.join().unwrap().unwrap();
+    let vx: Vec<VxlanPacket> = frames.iter().filter_map(|f| decode_vxlan(f)).collect();
+    let req = vx
+        .iter()
+        .find(|p| p.inner_src == p1.ip && p.inner_dst == p2.ip && p.inner_proto == 17)
+        .unwrap_or_else(|| {
+            panic!(
+                "no VXLAN packet pod1->pod2 among {} frames: {vx:?}",
+                frames.len()
+            )
+        });
+    assert_eq!(req.udp_dst, 8472);
+    assert_eq!(req.vni, 1);
+    assert_eq!(req.outer_src.to_string(), "198.18.0.1");
+    assert_eq!(req.outer_dst.to_string(), "198.18.0.2");
+    let reply = vx
+        .iter()
+        .find(|p| p.inner_src == p2.ip && p.inner_dst == p1.ip)
+        .expect("VXLAN reply pod2->pod1");
+    assert_eq!((reply.vni, reply.udp_dst), (1, 8472));
+    for p in &vx {
+        assert!(
+            p.udp_checksum_ok,
+            "bad outer UDP checksum {:#x}: {p:?}",
+            p.udp_checksum
+        );
+        assert_eq!(
+            p.inner_udp_checksum_ok,
+            Some(true),
+            "inner UDP checksum: {p:?}"
+        );
+    }
 }
 
 fn entries(n: &TestNode) -> (String, String, String) {

@@ -1,0 +1,270 @@
+//! Suite `overlay`: pod → pod across two nodes over ferry's pod network, VXLAN and
+//! host-gw, against the underlay path between the same two nodes: bulk TCP
+//! throughput (iperf3), TCP request/response latency, new connections per second
+//! and UDP request/response rate (the datapath suite's load generator).
+//!
+//! One fresh two-node cluster per backend, removed when its runs are done:
+//!
+//! ```text
+//!                      fabric ns: br0 (the underlay L2 segment)
+//!                  p1 ─┘                                 └─ p2
+//!  node-1 ns: eth0 198.18.0.1/24                node-2 ns: eth0 198.18.0.2/24
+//!             flannel.1 (VXLAN) or host-gw routes          (iperf3 -s, echo servers)
+//!             cni0 10.244.1.1/24                           cni0 10.244.2.1/24
+//!                │                                            │
+//!  pod-1 ns:  eth0 10.244.1.2                    pod-2 ns: eth0 10.244.2.2 (iperf3 -s, echo servers)
+//! ```
+//!
+//! The nodes are set up by ferry-overlay's [`Reconciler`] (what `ferry overlay` runs
+//! at start and after every Node event) with `ferry overlay`'s defaults, the pods by
+//! its [`PodNetwork`] (what `ferry cni` ADD runs): the pod network exactly as users
+//! get it. The underlay path is node-1 → node-2 over the same veths and bridge.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use ferry_overlay::{Backend, OverlayConfig, PodNetwork, PodNetworkConfig, Reconciler};
+use ferry_testkit::Netns;
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Node;
+use serde_json::json;
+
+use crate::cluster::{progress, NsRuntime};
+use crate::datapath::{self, Client, Path, Samples, Servers, Sizes, TPUT};
+use crate::report::Report;
+use crate::topology;
+use crate::Ctx;
+
+const CLUSTER_CIDR: &str = "10.244.0.0/16";
+const POD_IFNAME: &str = "eth0";
+
+/// The ratio to the underlay each backend's pod-to-pod throughput should reach.
+const TARGETS: [(Backend, f64); 2] = [(Backend::Vxlan, 0.9), (Backend::HostGw, 0.97)];
+
+pub async fn run(ctx: &Ctx) -> Result<Report> {
+    let z = if ctx.quick {
+        Sizes {
+            runs: 3,
+            tput_secs: 1,
+            secs: 0.5,
+            conc: 8,
+        }
+    } else {
+        Sizes {
+            runs: 4,
+            tput_secs: 2,
+            secs: 0.8,
+            conc: 8,
+        }
+    };
+    datapath::require_iperf3()?;
+    let mut rep = Report::new(
+        "overlay",
+        "Overlay: pod → pod across nodes (VXLAN, host-gw) vs the underlay between the nodes",
+    );
+    rep.reference = "underlay".into();
+    let mut sm = Samples::default();
+    let mut notes = Vec::new();
+    let mut setup = Vec::new();
+    for (backend, _) in TARGETS {
+        let c = TwoNodeCluster::new(backend).await?;
+        progress(format!(
+            "overlay: {} cluster up: pod {} on node-1 → pod {} on node-2, pod MTU {}, underlay MTU 1500",
+            backend.as_str(),
+            c.pod_ips[0],
+            c.pod_ips[1],
+            c.pod_mtu
+        ));
+        setup.push(c.describe(backend)?);
+        let node_client = Client::new(&c.nodes[0].ns)?;
+        let pod_client = Client::new(&c.pods[0])?;
+        for ns in [&c.nodes[0].ns, &c.pods[0]] {
+            topology::tune_client(ns)?;
+        }
+        let _node_servers = Servers::start(&c.nodes[1].ns, node_ip(2).into())?;
+        let _pod_servers = Servers::start(&c.pods[1], c.pod_ips[1].into())?;
+        let underlay = Path::to_servers("underlay", "-", &node_client, node_ip(2).into());
+        let pods = Path::to_servers(
+            "pod-to-pod",
+            backend.as_str(),
+            &pod_client,
+            c.pod_ips[1].into(),
+        );
+        for p in [&underlay, &pods] {
+            datapath::wait_path(p)
+                .await
+                .with_context(|| format!("{} ({}) does not work", p.path, backend.as_str()))?;
+        }
+        datapath::measure(&mut sm, &mut notes, &[&underlay, &pods], &z, "overlay").await?;
+    }
+    rep.records = sm.records("underlay");
+    rep.fill_ratios();
+    for n in notes {
+        rep.note(n);
+    }
+    for (backend, target) in TARGETS {
+        if let Some(r) = rep
+            .find("pod-to-pod", backend.as_str(), TPUT)
+            .and_then(|r| r.ratio_to_direct)
+        {
+            rep.note(format!(
+                "Target pod-to-pod throughput over {} ≥ {target} × underlay: {r:.3} — {}",
+                backend.as_str(),
+                if r >= target { "met" } else { "NOT met" }
+            ));
+        }
+    }
+    rep.note(format!(
+        "Topology: two node namespaces on one underlay bridge (veths, MTU 1500), one pod on each; a fresh cluster per backend, set up by ferry-overlay's Reconciler and PodNetwork with `ferry overlay`'s defaults (VXLAN: flannel.1, VNI 1, UDP 8472; masquerade on). `underlay` is node-1 → node-2 over the same veths and bridge, with the same tools, measured in each backend's cluster (so it has 2 × runs samples); pod-to-pod is pod-1 → pod-2 (pod veth, cni0, the backend, the underlay, cni0, pod veth). Runs alternate underlay / pod-to-pod. {}. Throughput: iperf3 -J, one TCP stream, {} s per run. Latency: {MSG}-byte request/response on one persistent TCP connection, {:.1} s per run. Connections: {} concurrent clients, one {MSG}-byte request each, {:.1} s per run. UDP: {} sockets, one {MSG}-byte datagram in flight each, {:.1} s per run. Client, server and the kernel's forwarding share 2 cores.",
+        setup.join("; "),
+        z.tput_secs, z.secs, z.conc, z.secs, z.conc, z.secs, MSG = crate::loadgen::MSG
+    ));
+    Ok(rep)
+}
+
+fn node_ip(i: u8) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, i)
+}
+
+/// A node namespace with the runtime its overlay reconciler runs on.
+struct OverlayNode {
+    name: String,
+    ns: Netns,
+    rt: NsRuntime,
+    subnet: Ipv4Net,
+    /// subnet.env and the pod network's IPAM.
+    dir: tempfile::TempDir,
+}
+
+impl OverlayNode {
+    fn config(&self, backend: Backend) -> Result<OverlayConfig> {
+        let mut cfg = OverlayConfig::new(&self.name, CLUSTER_CIDR.parse()?, self.subnet);
+        cfg.backend = backend;
+        cfg.iface = Some("eth0".into());
+        cfg.subnet_file = self.dir.path().join("subnet.env");
+        Ok(cfg)
+    }
+}
+
+/// The Node object ferry overlay would watch: podCIDR and the annotations published.
+fn node_object(name: &str, subnet: Ipv4Net, annotations: BTreeMap<String, String>) -> Result<Node> {
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"podCIDR": subnet.to_string(), "podCIDRs": [subnet.to_string()]},
+    }))?)
+}
+
+/// Two nodes on an underlay bridge running one backend, one pod on each.
+/// Everything lives in namespaces this process made, removed on drop.
+struct TwoNodeCluster {
+    // Fields drop in order: pods, nodes, then the fabric.
+    pods: Vec<Netns>,
+    pod_ips: Vec<Ipv4Addr>,
+    pod_mtu: u32,
+    nodes: Vec<OverlayNode>,
+    _fabric: Netns,
+}
+
+impl TwoNodeCluster {
+    async fn new(backend: Backend) -> Result<TwoNodeCluster> {
+        let fabric = Netns::new("ovl-fab")?;
+        fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
+        fabric.link_up("br0")?;
+        let mut nodes = Vec::new();
+        for i in 1..=2u8 {
+            let ns = Netns::new(&format!("ovl-n{i}"))?;
+            let port = format!("p{i}");
+            fabric.ip(&[
+                "link",
+                "add",
+                &port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns.name(),
+            ])?;
+            fabric.ip(&["link", "set", &port, "master", "br0", "up"])?;
+            ns.add_addr("eth0", &format!("{}/24", node_ip(i)))?;
+            ns.link_up("eth0")?;
+            nodes.push(OverlayNode {
+                name: format!("node-{i}"),
+                rt: NsRuntime::new(ns.name(), 1)?,
+                ns,
+                subnet: format!("10.244.{i}.0/24").parse()?,
+                dir: tempfile::Builder::new()
+                    .prefix("ferry-bench-overlay-")
+                    .tempdir()?,
+            });
+        }
+        // As `ferry overlay` on each node: set up the node, publish its annotations,
+        // then reconcile against both Node objects.
+        let mut reconcilers = Vec::new();
+        let mut objects = Vec::new();
+        for n in &nodes {
+            let cfg = n.config(backend)?;
+            let rec = n.rt.run(async move { Reconciler::new(cfg).await }).await?;
+            objects.push(node_object(&n.name, n.subnet, rec.annotations())?);
+            reconcilers.push(rec);
+        }
+        let mut envs = Vec::new();
+        for (n, mut rec) in nodes.iter().zip(reconcilers) {
+            envs.push(rec.subnet_env());
+            let objects = objects.clone();
+            let rep =
+                n.rt.run(async move { rec.reconcile(&objects).await })
+                    .await?;
+            anyhow::ensure!(
+                rep.errors.is_empty() && rep.skipped.is_empty(),
+                "{}: reconcile: {:?} {:?}",
+                n.name,
+                rep.errors,
+                rep.skipped
+            );
+        }
+        // As `ferry cni` ADD for one pod on each node.
+        let mut pods = Vec::new();
+        let mut pod_ips = Vec::new();
+        for (i, (n, env)) in nodes.iter().zip(&envs).enumerate() {
+            let pod = Netns::new(&format!("ovl-pod{}", i + 1))?;
+            let pn = PodNetwork::new(PodNetworkConfig {
+                bridge: ferry_overlay::podnet::DEFAULT_BRIDGE.into(),
+                env: *env,
+                ipam_dir: n.dir.path().join("ipam/ferry"),
+            });
+            let netns = PathBuf::from(format!("/var/run/netns/{}", pod.name()));
+            let id = format!("bench-{}", pod.name());
+            let addr = n.ns.run(move || pn.add(&netns, &id, POD_IFNAME))?;
+            pod_ips.push(addr.address.addr());
+            pods.push(pod);
+        }
+        Ok(TwoNodeCluster {
+            pods,
+            pod_ips,
+            pod_mtu: envs[0].mtu,
+            nodes,
+            _fabric: fabric,
+        })
+    }
+
+    /// The settings that decide the backend's speed, for the report's notes.
+    fn describe(&self, backend: Backend) -> Result<String> {
+        let mut s = format!("{}: pod MTU {}", backend.as_str(), self.pod_mtu);
+        if backend == Backend::Vxlan {
+            let dev = self.nodes[0].config(backend)?.vxlan_device;
+            let dev2 = dev.clone();
+            let csum = self.nodes[0]
+                .ns
+                .run(move || Ok(ferry_overlay::netlink::ethtool::tx_checksum(&dev2)?))?;
+            s.push_str(&format!(
+                ", TX checksum offload on {dev} {}",
+                if csum { "on" } else { "off" }
+            ));
+        }
+        Ok(s)
+    }
+}
