@@ -12,6 +12,7 @@ pub mod health;
 pub mod iptables;
 pub mod metrics;
 pub mod model;
+pub mod nft_netlink;
 pub mod nftables;
 pub mod watch;
 

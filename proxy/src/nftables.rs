@@ -14,6 +14,7 @@ use crate::model::{
     short_hash, Endpoint, ModelDiff, NodePortAddresses, Protocol, ProxyModel, ServicePort,
     TrafficPolicy,
 };
+use crate::nft_netlink::{ElementOp, NftSocket};
 
 pub const TABLE: &str = "ferry";
 pub const FAMILY: &str = "ip";
@@ -113,23 +114,66 @@ impl NftMap {
     }
 }
 
-/// One map or set element (`value` is empty for set elements).
+/// One field of a concatenated element key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KeyField {
+    Ip(Ipv4Addr),
+    Proto(Protocol),
+    Port(u16),
+    /// A `numgen random mod N` result: the endpoint's index.
+    Index(u32),
+}
+
+impl std::fmt::Display for KeyField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyField::Ip(ip) => write!(f, "{ip}"),
+            KeyField::Proto(p) => f.write_str(p.as_str()),
+            KeyField::Port(p) => write!(f, "{p}"),
+            KeyField::Index(i) => write!(f, "{i}"),
+        }
+    }
+}
+
+/// What a map element maps its key to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ElementValue {
+    /// A set element.
+    None,
+    Goto(String),
+    Drop,
+    /// An endpoint `ip . port` (DNAT maps).
+    Endpoint(Ipv4Addr, u16),
+}
+
+/// One map or set element.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Element {
     pub map: NftMap,
-    pub key: String,
+    pub key: Vec<KeyField>,
     pub comment: String,
-    pub value: String,
+    pub value: ElementValue,
 }
 
 impl Element {
+    fn key_text(&self) -> String {
+        let fields: Vec<String> = self.key.iter().map(|k| k.to_string()).collect();
+        fields.join(" . ")
+    }
     fn text(&self) -> String {
-        let mut t = self.key.clone();
+        let mut t = self.key_text();
         if !self.comment.is_empty() {
             let _ = write!(t, " comment \"{}\"", self.comment);
         }
-        if !self.value.is_empty() {
-            let _ = write!(t, " : {}", self.value);
+        match &self.value {
+            ElementValue::None => {}
+            ElementValue::Goto(c) => {
+                let _ = write!(t, " : goto {c}");
+            }
+            ElementValue::Drop => t.push_str(" : drop"),
+            ElementValue::Endpoint(ip, port) => {
+                let _ = write!(t, " : {ip} . {port}");
+            }
         }
         t
     }
@@ -312,24 +356,38 @@ fn backends_chain(o: &mut ServiceObjects, proto: Protocol, n: usize, local: bool
 /// The elements choosing endpoint `i` of `eps` for each frontend of `lookups`.
 fn backend_elements(o: &mut ServiceObjects, port: u16, eps: &[Endpoint], lookups: &[Lookup]) {
     for l in lookups {
-        let (map, keys): (NftMap, Vec<String>) = match l {
+        let (map, keys): (NftMap, Vec<Vec<KeyField>>) = match l {
             Lookup::Ips(map, ips) => (
                 *map,
-                ips.iter().map(|ip| format!("{ip} . {port}")).collect(),
+                ips.iter()
+                    .map(|ip| vec![KeyField::Ip(*ip), KeyField::Port(port)])
+                    .collect(),
             ),
-            Lookup::NodePort(map, np) => (*map, vec![np.to_string()]),
+            Lookup::NodePort(map, np) => (*map, vec![vec![KeyField::Port(*np)]]),
         };
         for k in keys {
             for (i, e) in eps.iter().enumerate() {
+                let mut key = k.clone();
+                key.push(KeyField::Index(i as u32));
                 o.elements.insert(Element {
                     map,
-                    key: format!("{k} . {i}"),
+                    key,
                     comment: String::new(),
-                    value: format!("{} . {}", e.ip, e.port),
+                    value: ElementValue::Endpoint(e.ip, e.port),
                 });
             }
         }
     }
+}
+
+/// Adds a service port's own chain, named `base` plus a hash of its rules: a chain
+/// name never gets different rules, so a change creates a new chain, switches the
+/// elements to it and deletes the old one — live chains are never rewritten, and
+/// the element switch is one transaction.
+fn own_chain(o: &mut ServiceObjects, base: String, rules: Vec<String>) -> String {
+    let name = format!("{base}-{}", &short_hash(&rules.join("\n"))[..6]);
+    o.chains.insert(name.clone(), rules);
+    name
 }
 
 /// The masquerade rule for ClusterIP traffic (node-wide settings).
@@ -412,7 +470,14 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
 
     // Internal (ClusterIP) traffic.
     let internal = sp.internal_endpoints();
-    let cip_key = format!("{} . {proto} . {}", sp.cluster_ip, sp.port);
+    let frontend = |ip: Ipv4Addr| {
+        vec![
+            KeyField::Ip(ip),
+            KeyField::Proto(p),
+            KeyField::Port(sp.port),
+        ]
+    };
+    let cip_key = frontend(sp.cluster_ip);
     if !internal.is_empty() {
         if !model.masquerade_all {
             // Hairpin: a local endpoint calling its own service (rule in
@@ -420,9 +485,12 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
             for e in internal.iter().filter(|e| e.local) {
                 o.elements.insert(Element {
                     map: NftMap::ServiceHairpin,
-                    key: format!("{} . {}", e.ip, cip_key),
+                    key: [KeyField::Ip(e.ip)]
+                        .into_iter()
+                        .chain(cip_key.iter().copied())
+                        .collect(),
                     comment: String::new(),
-                    value: String::new(),
+                    value: ElementValue::None,
                 });
             }
         }
@@ -438,31 +506,29 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
             o.shared_chains.insert(name.clone(), rules);
             name
         } else {
-            let name = format!("svc-{hash}-{readable}");
             let mut rules: Vec<String> = cluster_ip_masquerade(model).into_iter().collect();
             rules.extend(dispatch(&mut o, "", internal, &lookups));
-            o.chains.insert(name.clone(), rules);
-            name
+            own_chain(&mut o, format!("svc-{hash}-{readable}"), rules)
         };
         o.elements.insert(Element {
             map: NftMap::ServiceIps,
             key: cip_key,
             comment: comment.clone(),
-            value: format!("goto {chain}"),
+            value: ElementValue::Goto(chain),
         });
     } else {
         // No endpoints at all: refuse at once. Endpoints only elsewhere with
         // internalTrafficPolicy Local: drop, as kube-proxy does.
         let verdict = if sp.cluster_endpoints.is_empty() {
-            "goto reject-chain"
+            ElementValue::Goto("reject-chain".into())
         } else {
-            "drop"
+            ElementValue::Drop
         };
         o.elements.insert(Element {
             map: NftMap::NoEndpointServices,
             key: cip_key,
             comment: comment.clone(),
-            value: verdict.into(),
+            value: verdict,
         });
     }
 
@@ -508,7 +574,6 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
                     );
                 }
                 TrafficPolicy::Cluster => {
-                    ext_chain = format!("ext-{hash}-{readable}");
                     let mut rules = vec!["jump mark-for-masquerade".to_string()];
                     rules.extend(dispatch(
                         &mut o,
@@ -516,10 +581,9 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
                         &sp.cluster_endpoints,
                         &cluster_lookups,
                     ));
-                    o.chains.insert(ext_chain.clone(), rules);
+                    ext_chain = own_chain(&mut o, format!("ext-{hash}-{readable}"), rules);
                 }
                 TrafficPolicy::Local => {
-                    ext_chain = format!("ext-{hash}-{readable}");
                     let mut rules = Vec::new();
                     if has_cidrs {
                         // Pods inside the cluster may use any endpoint.
@@ -543,19 +607,22 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
                     } else {
                         rules.extend(dispatch(&mut o, "", &sp.local_endpoints, &local_lookups));
                     }
-                    o.chains.insert(ext_chain.clone(), rules);
+                    ext_chain = own_chain(&mut o, format!("ext-{hash}-{readable}"), rules);
                 }
             }
         }
         let (ip_map, verdict) = if usable {
-            (NftMap::ServiceIps, format!("goto {ext_chain}"))
+            (NftMap::ServiceIps, ElementValue::Goto(ext_chain))
         } else {
-            (NftMap::NoEndpointServices, "goto reject-chain".to_string())
+            (
+                NftMap::NoEndpointServices,
+                ElementValue::Goto("reject-chain".into()),
+            )
         };
         for ip in &ext_ips {
             o.elements.insert(Element {
                 map: ip_map,
-                key: format!("{ip} . {proto} . {}", sp.port),
+                key: frontend(*ip),
                 comment: comment.clone(),
                 value: verdict.clone(),
             });
@@ -567,7 +634,7 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceObjects {
                 } else {
                     NftMap::NoEndpointNodeports
                 },
-                key: format!("{proto} . {np}"),
+                key: vec![KeyField::Proto(p), KeyField::Port(np)],
                 comment: comment.clone(),
                 value: verdict,
             });
@@ -683,7 +750,7 @@ fn add_elements_cmd(
         if with_value {
             let _ = writeln!(out, "\t{}{sep}", e.text());
         } else {
-            let _ = writeln!(out, "\t{}{sep}", e.key);
+            let _ = writeln!(out, "\t{}{sep}", e.key_text());
         }
     }
     let _ = writeln!(out, "}}");
@@ -704,11 +771,71 @@ pub struct Existing {
     pub sets: BTreeSet<String>,
 }
 
-/// A full-sync transaction: creates or refreshes every object, flushes and refills
-/// every chain and map, and deletes stale chains and sets. Affinity sets that
-/// survive keep their entries, and established connections are untouched.
-pub fn render_full_transaction(model: &ProxyModel, existing: &Existing) -> String {
-    let services = render_services(model);
+/// Elements as `add element` / `delete element` commands, grouped by map.
+fn element_cmds(out: &mut String, verb: &str, elems: &[&Element]) {
+    let with_value = verb == "add";
+    for m in NftMap::all() {
+        let of_map: Vec<&Element> = elems.iter().copied().filter(|e| e.map == m).collect();
+        add_elements_cmd(out, verb, m, &of_map, with_value);
+    }
+}
+
+/// A sync split where the kernel sees it: `before` (nft commands creating or
+/// rewriting sets and chains), then the element changes (`flush` these maps,
+/// `delete`, then `add` elements), then `after` (nft commands deleting chains and
+/// sets nothing references any more). Sent as one nft transaction, or — when the
+/// element changes go over netlink — as up to three transactions in this order,
+/// so no element ever points at a missing chain.
+#[derive(Debug, Default)]
+pub struct SyncPlan<'a> {
+    pub before: String,
+    pub flush: Vec<NftMap>,
+    pub delete: Vec<&'a Element>,
+    pub add: Vec<&'a Element>,
+    pub after: String,
+    /// `before` rewrites chains that live elements already jump to: only one
+    /// transaction keeps such a change atomic for traffic.
+    pub rewrites_live_chains: bool,
+}
+
+impl SyncPlan<'_> {
+    pub fn is_empty(&self) -> bool {
+        self.before.is_empty()
+            && self.flush.is_empty()
+            && self.delete.is_empty()
+            && self.add.is_empty()
+            && self.after.is_empty()
+    }
+    /// The whole plan as one nft transaction.
+    pub fn transaction(&self) -> String {
+        let mut out = self.before.clone();
+        for m in &self.flush {
+            let _ = writeln!(out, "flush {} {T} {}", m.decl().0, m.name());
+        }
+        element_cmds(&mut out, "delete", &self.delete);
+        element_cmds(&mut out, "add", &self.add);
+        out.push_str(&self.after);
+        out
+    }
+    /// The element changes, in order, for the netlink writer.
+    pub fn element_ops(&self) -> Vec<ElementOp<'_>> {
+        self.flush
+            .iter()
+            .map(|m| ElementOp::Flush(*m))
+            .chain(self.delete.iter().map(|e| ElementOp::Delete(e)))
+            .chain(self.add.iter().map(|e| ElementOp::Add(e)))
+            .collect()
+    }
+}
+
+/// A full sync: creates or refreshes every object, flushes and refills every map,
+/// and deletes stale chains and sets. Affinity sets that survive keep their
+/// entries, and established connections are untouched.
+pub fn plan_full_sync<'a>(
+    model: &ProxyModel,
+    services: &'a BTreeMap<crate::model::ServicePortName, ServiceObjects>,
+    existing: &Existing,
+) -> SyncPlan<'a> {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -763,18 +890,6 @@ pub fn render_full_transaction(model: &ProxyModel, existing: &Existing) -> Strin
         desired_chains.insert((*name).clone());
         let _ = writeln!(out, "add chain {T} {name}");
     }
-    // Flush every map before anything stale is deleted (elements reference chains).
-    for m in NftMap::all() {
-        let _ = writeln!(out, "flush {} {T} {}", m.decl().0, m.name());
-    }
-    let stale_chains: Vec<&String> = existing
-        .chains
-        .iter()
-        .filter(|c| !desired_chains.contains(*c))
-        .collect();
-    for c in &stale_chains {
-        let _ = writeln!(out, "flush chain {T} {c}");
-    }
     for c in base_chains(model) {
         let _ = writeln!(out, "flush chain {T} {}", c.name);
         for r in &c.rules {
@@ -787,18 +902,22 @@ pub fn render_full_transaction(model: &ProxyModel, existing: &Existing) -> Strin
             let _ = writeln!(out, "add rule {T} {name} {r}");
         }
     }
-    let all_elements: BTreeSet<&Element> =
-        services.values().flat_map(|s| s.elements.iter()).collect();
-    for m in NftMap::all() {
-        let elems: Vec<&Element> = all_elements
-            .iter()
-            .copied()
-            .filter(|e| e.map == m)
-            .collect();
-        add_elements_cmd(&mut out, "add", m, &elems, true);
+    let mut add: Vec<&Element> = services.values().flat_map(|s| s.elements.iter()).collect();
+    add.sort();
+    add.dedup();
+    // Stale chains go once no element or rule points at them: flush them all
+    // (they may jump to each other), then delete.
+    let mut after = String::new();
+    let stale_chains: Vec<&String> = existing
+        .chains
+        .iter()
+        .filter(|c| !desired_chains.contains(*c))
+        .collect();
+    for c in &stale_chains {
+        let _ = writeln!(after, "flush chain {T} {c}");
     }
     for c in &stale_chains {
-        let _ = writeln!(out, "delete chain {T} {c}");
+        let _ = writeln!(after, "delete chain {T} {c}");
     }
     let base = base_names(model);
     for s in existing
@@ -806,17 +925,36 @@ pub fn render_full_transaction(model: &ProxyModel, existing: &Existing) -> Strin
         .iter()
         .filter(|s| !desired_sets.contains(*s) && !base.contains(*s))
     {
-        let _ = writeln!(out, "delete set {T} {s}");
+        let _ = writeln!(after, "delete set {T} {s}");
     }
-    out
+    SyncPlan {
+        before: out,
+        flush: NftMap::all(),
+        delete: Vec::new(),
+        add,
+        after,
+        // Chain names fix their rules (see `own_chain`; shared chains by
+        // construction): an existing chain is rewritten with the same rules.
+        rewrites_live_chains: false,
+    }
 }
 
-/// A partial transaction turning `old` objects into `new` ones for the changed
-/// service ports only (`None` = absent). Returns an empty string when nothing changed.
-pub fn render_partial_transaction(
-    changes: &[(Option<&ServiceObjects>, Option<&ServiceObjects>)],
-) -> String {
-    let empty = ServiceObjects::default();
+/// [`plan_full_sync`] as one nft transaction (goldens, docs, `nft -c` checks).
+pub fn render_full_transaction(model: &ProxyModel, existing: &Existing) -> String {
+    plan_full_sync(model, &render_services(model), existing).transaction()
+}
+
+/// A partial sync turning `old` objects into `new` ones for the changed service
+/// ports only (`None` = absent).
+pub fn plan_partial_sync<'a>(
+    changes: &[(Option<&'a ServiceObjects>, Option<&'a ServiceObjects>)],
+) -> SyncPlan<'a> {
+    static EMPTY: ServiceObjects = ServiceObjects {
+        chains: BTreeMap::new(),
+        sets: BTreeMap::new(),
+        elements: BTreeSet::new(),
+        shared_chains: BTreeMap::new(),
+    };
     let mut add_sets = BTreeMap::new();
     let mut write_chains: BTreeMap<&String, &Vec<String>> = BTreeMap::new();
     let mut del_chains = BTreeSet::new();
@@ -824,10 +962,12 @@ pub fn render_partial_transaction(
     let mut del_elems: BTreeSet<&Element> = BTreeSet::new();
     let mut add_elems: BTreeSet<&Element> = BTreeSet::new();
     let mut write_shared: BTreeMap<&String, &Vec<String>> = BTreeMap::new();
+    let mut rewrites_live_chains = false;
     for (old, new) in changes {
-        let old = old.unwrap_or(&empty);
-        let new = new.unwrap_or(&empty);
-        // Another service port may already use it; rewriting it is harmless.
+        let old = old.unwrap_or(&EMPTY);
+        let new = new.unwrap_or(&EMPTY);
+        // Another service port may already use it; rewriting it with the same
+        // rules (its name fixes them) is harmless.
         for (c, rules) in &new.shared_chains {
             if !old.shared_chains.contains_key(c) {
                 write_shared.insert(c, rules);
@@ -839,8 +979,15 @@ pub fn render_partial_transaction(
             }
         }
         for (c, rules) in &new.chains {
-            if old.chains.get(c) != Some(rules) {
-                write_chains.insert(c, rules);
+            match old.chains.get(c) {
+                Some(old_rules) if old_rules == rules => {}
+                Some(_) => {
+                    rewrites_live_chains = true;
+                    write_chains.insert(c, rules);
+                }
+                None => {
+                    write_chains.insert(c, rules);
+                }
             }
         }
         for c in old.chains.keys() {
@@ -867,45 +1014,42 @@ pub fn render_partial_transaction(
     // A chain removed by one port and created by another (never expected) is kept.
     del_chains.retain(|c| !write_chains.contains_key(c));
     del_sets.retain(|s| !add_sets.contains_key(s));
-    if add_sets.is_empty()
-        && write_shared.is_empty()
-        && write_chains.is_empty()
-        && del_chains.is_empty()
-        && del_sets.is_empty()
-        && del_elems.is_empty()
-        && add_elems.is_empty()
-    {
-        return String::new();
-    }
-    let mut out = String::new();
+    let mut before = String::new();
     for (s, t) in &add_sets {
         let _ = writeln!(
-            out,
+            before,
             "add set {T} {s} {{ type ipv4_addr; flags dynamic,timeout; timeout {t}s; }}"
         );
     }
     for (c, rules) in write_shared.iter().chain(&write_chains) {
-        chain_cmds(&mut out, c, rules);
+        chain_cmds(&mut before, c, rules);
     }
-    // Deletions of keys come first so a key can move to a new verdict or map.
-    for m in NftMap::all() {
-        let elems: Vec<&Element> = del_elems.iter().copied().filter(|e| e.map == m).collect();
-        add_elements_cmd(&mut out, "delete", m, &elems, false);
-    }
-    for m in NftMap::all() {
-        let elems: Vec<&Element> = add_elems.iter().copied().filter(|e| e.map == m).collect();
-        add_elements_cmd(&mut out, "add", m, &elems, true);
+    let mut after = String::new();
+    for c in &del_chains {
+        let _ = writeln!(after, "flush chain {T} {c}");
     }
     for c in &del_chains {
-        let _ = writeln!(out, "flush chain {T} {c}");
-    }
-    for c in &del_chains {
-        let _ = writeln!(out, "delete chain {T} {c}");
+        let _ = writeln!(after, "delete chain {T} {c}");
     }
     for s in &del_sets {
-        let _ = writeln!(out, "delete set {T} {s}");
+        let _ = writeln!(after, "delete set {T} {s}");
     }
-    out
+    SyncPlan {
+        before,
+        flush: Vec::new(),
+        // Deletions first, so a key can move to a new verdict or map.
+        delete: del_elems.into_iter().collect(),
+        add: add_elems.into_iter().collect(),
+        after,
+        rewrites_live_chains,
+    }
+}
+
+/// [`plan_partial_sync`] as one nft transaction; empty when nothing changed.
+pub fn render_partial_transaction(
+    changes: &[(Option<&ServiceObjects>, Option<&ServiceObjects>)],
+) -> String {
+    plan_partial_sync(changes).transaction()
 }
 
 /// Parses `nft -j list table ip ferry` into chain and set/map names.
@@ -929,23 +1073,56 @@ pub fn parse_existing(json: &str) -> anyhow::Result<Existing> {
     Ok(e)
 }
 
-/// The nftables datapath: renders and applies transactions with `nft -f -`.
+/// Sends a plan: element changes over netlink between the nft parts, or the whole
+/// plan as one nft transaction.
+fn send_plan(
+    runner: &Runner,
+    netlink: Option<&mut NftSocket>,
+    plan: &SyncPlan,
+) -> anyhow::Result<()> {
+    let nft = |tx: &str| -> anyhow::Result<()> {
+        if !tx.is_empty() {
+            runner.run_stdin("nft", &["-f", "-"], tx)?;
+        }
+        Ok(())
+    };
+    match netlink {
+        Some(sock) if !plan.rewrites_live_chains => {
+            nft(&plan.before)?;
+            sock.apply(TABLE, &plan.element_ops())?;
+            nft(&plan.after)
+        }
+        _ => nft(&plan.transaction()),
+    }
+}
+
+/// The nftables datapath: chains and rules through `nft -f -`, map elements over
+/// netlink ([`crate::nft_netlink`]); everything through nft when no netlink socket
+/// could be opened.
 pub struct NftablesDatapath {
     runner: Runner,
+    netlink: Option<NftSocket>,
     /// Objects as last programmed, per service port.
     programmed: BTreeMap<crate::model::ServicePortName, ServiceObjects>,
     needs_full: bool,
-    /// Text of the last transaction (for tests and debugging).
-    pub last_transaction: String,
 }
 
 impl NftablesDatapath {
     pub fn new(runner: Runner) -> Self {
+        let netlink = match NftSocket::open(runner.netns.as_deref()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(
+                    "nf_tables netlink socket unavailable, using nft for elements too: {e:#}"
+                );
+                None
+            }
+        };
         NftablesDatapath {
             runner,
+            netlink,
             programmed: BTreeMap::new(),
             needs_full: true,
-            last_transaction: String::new(),
         }
     }
 
@@ -962,12 +1139,6 @@ impl NftablesDatapath {
             .runner
             .run("nft", &["-j", "-t", "list", "table", "ip", TABLE])?;
         parse_existing(&json)
-    }
-
-    fn apply(&mut self, tx: String) -> anyhow::Result<()> {
-        let res = self.runner.run_stdin("nft", &["-f", "-"], &tx);
-        self.last_transaction = tx;
-        res.map(|_| ())
     }
 
     /// Removes the table if present (static so other modes can clean it up).
@@ -987,58 +1158,55 @@ impl Datapath for NftablesDatapath {
 
     fn sync_full(&mut self, model: &ProxyModel) -> anyhow::Result<()> {
         let existing = self.existing()?;
-        let tx = render_full_transaction(model, &existing);
-        match self.apply(tx) {
-            Ok(()) => {
-                self.programmed = render_services(model);
-                self.needs_full = false;
-                Ok(())
-            }
-            Err(e) => {
-                self.needs_full = true;
-                Err(e)
-            }
+        let services = render_services(model);
+        let plan = plan_full_sync(model, &services, &existing);
+        let result = send_plan(&self.runner, self.netlink.as_mut(), &plan);
+        self.needs_full = result.is_err();
+        if result.is_ok() {
+            self.programmed = services;
         }
+        result
     }
 
     fn apply_diff(&mut self, new: &ProxyModel, diff: &ModelDiff) -> anyhow::Result<()> {
         if self.needs_full || diff.globals_changed {
             return self.sync_full(new);
         }
-        let mut rendered = Vec::new();
-        for k in diff.changes.keys() {
-            rendered.push((
-                k.clone(),
-                new.services.get(k).map(|sp| render_service(new, sp)),
-            ));
-        }
+        let rendered: Vec<_> = diff
+            .changes
+            .keys()
+            .map(|k| {
+                (
+                    k.clone(),
+                    new.services.get(k).map(|sp| render_service(new, sp)),
+                )
+            })
+            .collect();
         let pairs: Vec<(Option<&ServiceObjects>, Option<&ServiceObjects>)> = rendered
             .iter()
             .map(|(k, n)| (self.programmed.get(k), n.as_ref()))
             .collect();
-        let tx = render_partial_transaction(&pairs);
-        if tx.is_empty() {
+        let plan = plan_partial_sync(&pairs);
+        if plan.is_empty() {
             return Ok(());
         }
-        match self.apply(tx) {
-            Ok(()) => {
-                for (k, n) in rendered {
-                    match n {
-                        Some(n) => {
-                            self.programmed.insert(k, n);
-                        }
-                        None => {
-                            self.programmed.remove(&k);
-                        }
-                    }
+        // The plan borrows the programmed objects: send it before updating them.
+        let result = send_plan(&self.runner, self.netlink.as_mut(), &plan);
+        if let Err(e) = result {
+            self.needs_full = true;
+            return Err(e);
+        }
+        for (k, n) in rendered {
+            match n {
+                Some(n) => {
+                    self.programmed.insert(k, n);
                 }
-                Ok(())
-            }
-            Err(e) => {
-                self.needs_full = true;
-                Err(e)
+                None => {
+                    self.programmed.remove(&k);
+                }
             }
         }
+        Ok(())
     }
 
     fn cleanup(&mut self) -> anyhow::Result<()> {
