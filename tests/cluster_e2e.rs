@@ -4,132 +4,10 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-/// A cluster made for one test; `ferry cluster down` on drop, even on panic.
-struct Cluster {
-    name: String,
-    state: tempfile::TempDir,
-    kubeconfig: PathBuf,
-}
-
-impl Cluster {
-    fn up(nodes: u8) -> Option<Cluster> {
-        if !ferry_testkit::require_root() {
-            return None;
-        }
-        let name = format!("fe{}", std::process::id() % 100_000);
-        let state = tempfile::tempdir().unwrap();
-        let out = Command::new(support::ferry_bin())
-            .args([
-                "cluster",
-                "up",
-                "--nodes",
-                &nodes.to_string(),
-                "--name",
-                &name,
-                "--state-dir",
-            ])
-            .arg(state.path())
-            .output()
-            .unwrap();
-        let mut cluster = Cluster {
-            name,
-            state,
-            kubeconfig: PathBuf::new(),
-        };
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "cluster up failed: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        cluster.kubeconfig = PathBuf::from(stdout.lines().last().unwrap().trim());
-        Some(cluster)
-    }
-
-    fn kubectl(&self, args: &[&str]) -> Output {
-        Command::new("kubectl")
-            .env("KUBECONFIG", &self.kubeconfig)
-            .env("HOME", self.state.path())
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn kubectl_ok(&self, args: &[&str]) -> String {
-        let out = self.kubectl(args);
-        assert!(
-            out.status.success(),
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn netns(&self, what: &str) -> String {
-        format!("{}-{what}", self.name)
-    }
-
-    /// An HTTP GET from the client namespace outside the cluster.
-    fn visit(&self, url: &str) -> Option<String> {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.netns("client"),
-                "curl",
-                "-s",
-                "--max-time",
-                "3",
-                url,
-            ])
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-    }
-
-    fn wait_for(&self, what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if check() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        panic!("timed out after {limit:?}: {what}");
-    }
-
-    fn pods(&self, selector: &str) -> Vec<(String, String, String)> {
-        let out = self.kubectl_ok(&[
-            "get", "pods", "-l", selector, "-o",
-            "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.status.podIP}{\"\\n\"}{end}",
-        ]);
-        out.lines()
-            .filter_map(|l| {
-                let mut f = l.split_whitespace();
-                Some((
-                    f.next()?.to_string(),
-                    f.next().unwrap_or("").to_string(),
-                    f.next().unwrap_or("").to_string(),
-                ))
-            })
-            .collect()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new(support::ferry_bin())
-            .args(["cluster", "down", "--state-dir"])
-            .arg(self.state.path())
-            .output();
-    }
-}
+use support::cluster::Cluster;
 
 fn visit_count(answer: &str) -> Option<u64> {
     answer
@@ -142,26 +20,11 @@ fn visit_count(answer: &str) -> Option<u64> {
 }
 
 fn deploy_demo(c: &Cluster) {
-    let root = env!("CARGO_MANIFEST_DIR");
-    c.kubectl_ok(&[
-        "create",
-        "configmap",
-        "app-code",
-        &format!("--from-file=app.py={root}/examples/demo/app.py"),
-    ]);
-    c.kubectl_ok(&[
-        "apply",
-        "-f",
-        &format!("{root}/examples/demo/three-tier.yaml"),
-    ]);
-    c.kubectl_ok(&[
-        "rollout",
-        "status",
-        "deploy/redis",
-        "deploy/app",
-        "deploy/nginx",
-        "--timeout=180s",
-    ]);
+    c.deploy(
+        ("app-code", "examples/demo/app.py"),
+        "examples/demo/three-tier.yaml",
+        &["deploy/redis", "deploy/app", "deploy/nginx"],
+    );
 }
 
 #[test]

@@ -1,7 +1,10 @@
 //! Shared pieces of the end-to-end tests: a real `ferry controlplane` process
 //! on a loopback port (or on an address inside a network namespace) with its
-//! own data directory, removed on drop.
+//! own data directory, removed on drop; and (`cluster`) a whole cluster made
+//! with `ferry cluster up`.
 #![allow(dead_code)] // each test binary uses its own subset
+
+pub mod cluster;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
