@@ -1052,25 +1052,27 @@ pub fn render_partial_transaction(
     plan_partial_sync(changes).transaction()
 }
 
-/// Parses `nft -j list table ip ferry` into chain and set/map names.
-pub fn parse_existing(json: &str) -> anyhow::Result<Existing> {
+/// Adds the chains, sets and maps of table `ip ferry` found in `nft -j list …`
+/// output to `e`.
+pub fn parse_existing(json: &str, e: &mut Existing) -> anyhow::Result<()> {
     let v: serde_json::Value = serde_json::from_str(json).context("parsing nft -j output")?;
-    let mut e = Existing::default();
     for item in v["nftables"].as_array().into_iter().flatten() {
-        if let Some(c) = item.get("chain") {
-            if let Some(n) = c["name"].as_str() {
-                e.chains.insert(n.to_string());
+        for kind in ["chain", "set", "map"] {
+            let Some(o) = item.get(kind) else { continue };
+            if o["table"] != TABLE || o["family"] != FAMILY {
+                continue;
             }
-        }
-        for k in ["set", "map"] {
-            if let Some(s) = item.get(k) {
-                if let Some(n) = s["name"].as_str() {
-                    e.sets.insert(n.to_string());
-                }
+            if let Some(n) = o["name"].as_str() {
+                let names = if kind == "chain" {
+                    &mut e.chains
+                } else {
+                    &mut e.sets
+                };
+                names.insert(n.to_string());
             }
         }
     }
-    Ok(e)
+    Ok(())
 }
 
 /// Sends a plan: element changes over netlink between the nft parts, or the whole
@@ -1126,28 +1128,31 @@ impl NftablesDatapath {
         }
     }
 
-    fn table_exists(&self) -> bool {
-        self.runner.succeeds("nft", &["list", "table", "ip", TABLE])
-    }
-
+    /// Names of the table's chains, sets and maps. Listed per kind with `-t`:
+    /// `nft list table` fetches every element (seconds at 100,000 elements),
+    /// these listings do not.
     fn existing(&self) -> anyhow::Result<Existing> {
-        if !self.table_exists() {
-            return Ok(Existing::default());
+        let mut e = Existing::default();
+        for what in [
+            &["-j", "list", "chains", FAMILY][..],
+            &["-j", "-t", "list", "sets", FAMILY],
+            &["-j", "-t", "list", "maps", FAMILY],
+        ] {
+            parse_existing(&self.runner.run("nft", what)?, &mut e)?;
         }
-        // -t: no set elements, which keeps a big table's listing cheap.
-        let json = self
-            .runner
-            .run("nft", &["-j", "-t", "list", "table", "ip", TABLE])?;
-        parse_existing(&json)
+        Ok(e)
     }
 
     /// Removes the table if present (static so other modes can clean it up).
     pub fn remove(runner: &Runner) -> anyhow::Result<bool> {
-        if runner.succeeds("nft", &["list", "table", "ip", TABLE]) {
-            runner.run("nft", &["delete", "table", "ip", TABLE])?;
-            return Ok(true);
+        let chains = runner.run("nft", &["-j", "list", "chains", FAMILY])?;
+        let mut e = Existing::default();
+        parse_existing(&chains, &mut e)?;
+        if e.chains.is_empty() && !runner.succeeds("nft", &["list", "table", FAMILY, TABLE]) {
+            return Ok(false);
         }
-        Ok(false)
+        runner.run("nft", &["delete", "table", FAMILY, TABLE])?;
+        Ok(true)
     }
 }
 
