@@ -290,6 +290,21 @@ mod tests {
     }
 
     #[test]
+    fn ratios_against_another_reference_path() {
+        let mut rep = Report::new("overlay", "Overlay");
+        rep.reference = "underlay".into();
+        rep.records = vec![
+            rec("underlay", "-", "tcp throughput", 20.0),
+            rec("pod-to-pod", "vxlan", "tcp throughput", 18.0),
+        ];
+        rep.fill_ratios();
+        assert_eq!(rep.records[1].ratio_to_direct, Some(0.9));
+        assert!(rep.markdown_table().starts_with(
+            "| path | mode | metric | median | min | max | unit | runs | × underlay | tool |"
+        ));
+    }
+
+    #[test]
     fn number_formatting() {
         assert_eq!(fmt_num(12345.6), "12,346");
         assert_eq!(fmt_num(-1234567.0), "-1,234,567");
