@@ -375,8 +375,8 @@ impl Samples {
         }
     }
 
-    /// One record per (path, mode, metric): the `reference` path first, then mode
-    /// by mode in the order first measured, paths by name within a mode.
+    /// One record per (path, mode, metric): mode by mode in the order first
+    /// measured, within a mode the `reference` path first, then paths by name.
     pub fn records(&self, reference: &str) -> Vec<Record> {
         let mut out: Vec<Record> = Vec::new();
         for (k, v) in self.order.iter().zip(&self.values) {
@@ -391,7 +391,7 @@ impl Samples {
             }
         }
         let mode_rank = |m: &str| modes.iter().position(|x| x == m);
-        out.sort_by_key(|r| (r.path != reference, mode_rank(&r.mode), r.path.clone()));
+        out.sort_by_key(|r| (mode_rank(&r.mode), r.path != reference, r.path.clone()));
         out
     }
 }

@@ -85,7 +85,14 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         }
         let _node_servers = Servers::start(&c.nodes[1].ns, node_ip(2).into())?;
         let _pod_servers = Servers::start(&c.pods[1], c.pod_ips[1].into())?;
-        let underlay = Path::to_servers("underlay", "-", &node_client, node_ip(2).into());
+        // The underlay gets the backend's mode: each backend is measured against
+        // the underlay of its own cluster, run for run, not against other minutes' noise.
+        let underlay = Path::to_servers(
+            "underlay",
+            backend.as_str(),
+            &node_client,
+            node_ip(2).into(),
+        );
         let pods = Path::to_servers(
             "pod-to-pod",
             backend.as_str(),
@@ -117,7 +124,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         }
     }
     rep.note(format!(
-        "Topology: two node namespaces on one underlay bridge (veths, MTU 1500), one pod on each; a fresh cluster per backend, set up by ferry-overlay's Reconciler and PodNetwork with `ferry overlay`'s defaults (VXLAN: flannel.1, VNI 1, UDP 8472; masquerade on). `underlay` is node-1 → node-2 over the same veths and bridge, with the same tools, measured in each backend's cluster (so it has 2 × runs samples); pod-to-pod is pod-1 → pod-2 (pod veth, cni0, the backend, the underlay, cni0, pod veth). Runs alternate underlay / pod-to-pod. {}. Throughput: iperf3 -J, one TCP stream, {} s per run. Latency: {MSG}-byte request/response on one persistent TCP connection, {:.1} s per run. Connections: {} concurrent clients, one {MSG}-byte request each, {:.1} s per run. UDP: {} sockets, one {MSG}-byte datagram in flight each, {:.1} s per run. Client, server and the kernel's forwarding share 2 cores.",
+        "Topology: two node namespaces on one underlay bridge (veths, MTU 1500), one pod on each; a fresh cluster per backend, set up by ferry-overlay's Reconciler and PodNetwork with `ferry overlay`'s defaults (VXLAN: flannel.1, VNI 1, UDP 8472; masquerade on). `underlay` is node-1 → node-2 over the same veths and bridge, with the same tools, in each backend's cluster; pod-to-pod is pod-1 → pod-2 (pod veth, cni0, the backend, the underlay, cni0, pod veth). Runs alternate underlay / pod-to-pod, and each backend's ratios are to the underlay of its own cluster. {}. Throughput: iperf3 -J, one TCP stream, {} s per run. Latency: {MSG}-byte request/response on one persistent TCP connection, {:.1} s per run. Connections: {} concurrent clients, one {MSG}-byte request each, {:.1} s per run. UDP: {} sockets, one {MSG}-byte datagram in flight each, {:.1} s per run. Client, server and the kernel's forwarding share 2 cores.",
         setup.join("; "),
         z.tput_secs, z.secs, z.conc, z.secs, z.conc, z.secs, MSG = crate::loadgen::MSG
     ));

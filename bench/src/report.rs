@@ -55,15 +55,24 @@ impl Record {
     }
 }
 
-/// Fills `ratio_to_direct` for every record whose metric has a `reference` path record.
+/// Fills `ratio_to_direct` for every record whose metric has a record of the
+/// `reference` path: the one of the same mode (measured alongside that mode) if
+/// there is one, else the mode-less (`-`) one.
 pub fn fill_ratios(records: &mut [Record], reference: &str) {
-    let direct: Vec<(String, f64)> = records
+    let refs: Vec<(String, String, f64)> = records
         .iter()
         .filter(|r| r.path == reference)
-        .map(|r| (r.metric.clone(), r.median))
+        .map(|r| (r.mode.clone(), r.metric.clone(), r.median))
         .collect();
     for r in records.iter_mut() {
-        if let Some((_, d)) = direct.iter().find(|(m, _)| *m == r.metric) {
+        let base = refs
+            .iter()
+            .find(|(mode, metric, _)| *mode == r.mode && *metric == r.metric)
+            .or_else(|| {
+                refs.iter()
+                    .find(|(mode, metric, _)| mode == "-" && *metric == r.metric)
+            });
+        if let Some((_, _, d)) = base {
             if *d != 0.0 {
                 r.ratio_to_direct = Some(r.median / d);
             }
@@ -294,11 +303,14 @@ mod tests {
         let mut rep = Report::new("overlay", "Overlay");
         rep.reference = "underlay".into();
         rep.records = vec![
-            rec("underlay", "-", "tcp throughput", 20.0),
+            rec("underlay", "vxlan", "tcp throughput", 20.0),
             rec("pod-to-pod", "vxlan", "tcp throughput", 18.0),
+            rec("underlay", "host-gw", "tcp throughput", 10.0),
+            rec("pod-to-pod", "host-gw", "tcp throughput", 9.5),
         ];
         rep.fill_ratios();
-        assert_eq!(rep.records[1].ratio_to_direct, Some(0.9));
+        let ratios: Vec<_> = rep.records.iter().map(|r| r.ratio_to_direct).collect();
+        assert_eq!(ratios, [Some(1.0), Some(0.9), Some(1.0), Some(0.95)]);
         assert!(rep.markdown_table().starts_with(
             "| path | mode | metric | median | min | max | unit | runs | × underlay | tool |"
         ));
