@@ -127,53 +127,69 @@ pub fn render_service(model: &ProxyModel, sp: &ServicePort) -> ServiceRules {
         None
     };
 
+    // Endpoint choice: `statistic` rules DNAT straight to the endpoint. Only
+    // affinity needs a chain per endpoint (FERRY-SEP-*) to record the client with
+    // `recent --set`; without one a service costs one chain and one rule per
+    // endpoint, a third of kube-proxy's rules, which is what keeps 10,000
+    // services within iptables-restore's reach.
     let dispatch = |r: &mut ServiceRules, chain: &str, eps: &[Endpoint]| {
         let mut rules = Vec::new();
         if let Some(m) = &cip_masq {
             rules.push(m.replace("{chain}", chain));
         }
-        let seps: Vec<String> = eps
-            .iter()
-            .map(|e| {
-                format!(
-                    "FERRY-SEP-{}",
-                    short_hash(&format!("{name}/{proto}/{}:{}", e.ip, e.port))
-                )
-            })
-            .collect();
-        if let Some(t) = sp.affinity_timeout {
-            for (e, sep) in eps.iter().zip(&seps) {
-                rules.push(format!(
-                    "-A {chain} -m comment --comment \"{name} -> {e}\" -m recent --name {sep} --mask 255.255.255.255 --rsource --rcheck --seconds {t} --reap -j {sep}"
-                ));
-            }
+        // Hairpin: a local endpoint calling its own service is masqueraded, so
+        // the reply comes back through this node.
+        for e in eps.iter().filter(|e| e.local) {
+            rules.push(format!("-A {chain} -s {}/32 -j {MARK_MASQ}", e.ip));
         }
         let n = eps.len();
-        for (i, (e, sep)) in eps.iter().zip(&seps).enumerate() {
+        let pick = |i: usize| {
             if i + 1 < n {
-                let p = 1.0 / (n - i) as f64;
-                rules.push(format!(
-                    "-A {chain} -m comment --comment \"{name} -> {e}\" -m statistic --mode random --probability {p:.10} -j {sep}"
-                ));
+                format!(
+                    " -m statistic --mode random --probability {:.10}",
+                    1.0 / (n - i) as f64
+                )
             } else {
-                rules.push(format!(
-                    "-A {chain} -m comment --comment \"{name} -> {e}\" -j {sep}"
-                ));
+                String::new()
             }
-            let mut sep_rules = vec![format!(
-                "-A {sep} -s {}/32 -m comment --comment \"{name}\" -j {MARK_MASQ}",
-                e.ip
-            )];
-            if sp.affinity_timeout.is_some() {
-                sep_rules.push(format!(
-                    "-A {sep} {pm} -m comment --comment \"{name}\" -m recent --name {sep} --mask 255.255.255.255 --rsource --set -j DNAT --to-destination {e}"
-                ));
-            } else {
-                sep_rules.push(format!(
-                    "-A {sep} {pm} -m comment --comment \"{name}\" -j DNAT --to-destination {e}"
-                ));
+        };
+        match sp.affinity_timeout {
+            None => {
+                for (i, e) in eps.iter().enumerate() {
+                    rules.push(format!(
+                        "-A {chain} {pm}{} -j DNAT --to-destination {e}",
+                        pick(i)
+                    ));
+                }
             }
-            r.chains.insert(sep.clone(), sep_rules);
+            Some(t) => {
+                let seps: Vec<String> = eps
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "FERRY-SEP-{}",
+                            short_hash(&format!("{name}/{proto}/{}:{}", e.ip, e.port))
+                        )
+                    })
+                    .collect();
+                for (e, sep) in eps.iter().zip(&seps) {
+                    rules.push(format!(
+                        "-A {chain} -m comment --comment \"{name} -> {e}\" -m recent --name {sep} --mask 255.255.255.255 --rsource --rcheck --seconds {t} --reap -j {sep}"
+                    ));
+                }
+                for (i, (e, sep)) in eps.iter().zip(&seps).enumerate() {
+                    rules.push(format!(
+                        "-A {chain} -m comment --comment \"{name} -> {e}\"{} -j {sep}",
+                        pick(i)
+                    ));
+                    r.chains.insert(
+                        sep.clone(),
+                        vec![format!(
+                            "-A {sep} {pm} -m comment --comment \"{name}\" -m recent --name {sep} --mask 255.255.255.255 --rsource --set -j DNAT --to-destination {e}"
+                        )],
+                    );
+                }
+            }
         }
         r.chains.insert(chain.to_string(), rules);
     };
@@ -272,80 +288,185 @@ pub fn render_services(model: &ProxyModel) -> BTreeMap<ServicePortName, ServiceR
 }
 
 /// An iptables-restore input. `write` selects the service ports whose chains are
-/// written (None = all); `delete` lists chains to remove. Node-wide chains are
-/// always rewritten whole.
+/// written (None = all, node-wide chains included); `delete` lists chains to
+/// remove. A partial restore rewrites the node-wide chains (FERRY-SERVICES,
+/// FERRY-NODEPORTS, FERRY-FIREWALL, …) only when `nodewide` says their lines
+/// changed: an endpoint change then touches one service chain.
 pub fn render_restore(
     model: &ProxyModel,
     rendered: &BTreeMap<ServicePortName, ServiceRules>,
     write: Option<&BTreeSet<ServicePortName>>,
+    nodewide: bool,
     delete: &BTreeSet<String>,
 ) -> String {
+    let nodewide = nodewide || write.is_none();
     let mut out = String::new();
-    let _ = writeln!(out, "*filter");
-    let _ = writeln!(out, ":{FIREWALL} - [0:0]");
-    let _ = writeln!(out, "-A {FIREWALL} -m mark --mark {DROP_MARK}/{DROP_MARK} -m comment --comment \"ferry drop mark\" -j DROP");
-    for r in rendered.values() {
-        for l in &r.firewall {
+    if nodewide {
+        let _ = writeln!(out, "*filter");
+        let _ = writeln!(out, ":{FIREWALL} - [0:0]");
+        let _ = writeln!(out, "-A {FIREWALL} -m mark --mark {DROP_MARK}/{DROP_MARK} -m comment --comment \"ferry drop mark\" -j DROP");
+        for l in rendered.values().flat_map(|r| &r.firewall) {
             let _ = writeln!(out, "{l}");
         }
+        let _ = writeln!(out, "COMMIT");
     }
-    let _ = writeln!(out, "COMMIT");
     let _ = writeln!(out, "*nat");
-    for c in NAT_BASE {
-        let _ = writeln!(out, ":{c} - [0:0]");
-    }
     let mut chains: BTreeMap<&String, &Vec<String>> = BTreeMap::new();
     for (k, r) in rendered {
         if write.is_none_or(|w| w.contains(k)) {
             chains.extend(r.chains.iter());
         }
     }
-    for c in chains.keys() {
-        let _ = writeln!(out, ":{c} - [0:0]");
-    }
-    for c in delete {
-        if !chains.contains_key(c) {
+    if nodewide {
+        for c in NAT_BASE {
             let _ = writeln!(out, ":{c} - [0:0]");
         }
     }
-    let _ = writeln!(out, "-A {MARK_MASQ} -j MARK --or-mark {MASQ_MARK}");
-    let _ = writeln!(out, "-A {MARK_DROP} -j MARK --or-mark {DROP_MARK}");
-    for c in &model.cluster_cidrs {
-        let _ = writeln!(out, "-A {MARK_NONLOCAL} -s {c} -j RETURN");
+    for c in chains
+        .keys()
+        .copied()
+        .chain(delete.iter().filter(|c| !chains.contains_key(c)))
+    {
+        let _ = writeln!(out, ":{c} - [0:0]");
     }
-    let _ = writeln!(out, "-A {MARK_NONLOCAL} -j {MARK_MASQ}");
-    let _ = writeln!(
-        out,
-        "-A {POSTROUTING} -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"
-    );
-    let _ = writeln!(out, "-A {POSTROUTING} -j MARK --xor-mark {MASQ_MARK}");
-    let _ = writeln!(out, "-A {POSTROUTING} -m comment --comment \"ferry service traffic requiring SNAT\" -j MASQUERADE --random-fully");
-    for r in rendered.values() {
-        for l in &r.services {
-            let _ = writeln!(out, "{l}");
+    if nodewide {
+        let _ = writeln!(out, "-A {MARK_MASQ} -j MARK --or-mark {MASQ_MARK}");
+        let _ = writeln!(out, "-A {MARK_DROP} -j MARK --or-mark {DROP_MARK}");
+        for c in &model.cluster_cidrs {
+            let _ = writeln!(out, "-A {MARK_NONLOCAL} -s {c} -j RETURN");
         }
-    }
-    for m in node_port_matches(model) {
+        let _ = writeln!(out, "-A {MARK_NONLOCAL} -j {MARK_MASQ}");
         let _ = writeln!(
             out,
-            "-A {SERVICES} {m} -m comment --comment \"ferry service nodeports\" -j {NODEPORTS}"
+            "-A {POSTROUTING} -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"
         );
-    }
-    for r in rendered.values() {
-        for l in &r.nodeports {
+        let _ = writeln!(out, "-A {POSTROUTING} -j MARK --xor-mark {MASQ_MARK}");
+        let _ = writeln!(out, "-A {POSTROUTING} -m comment --comment \"ferry service traffic requiring SNAT\" -j MASQUERADE --random-fully");
+        for l in rendered.values().flat_map(|r| &r.services) {
+            let _ = writeln!(out, "{l}");
+        }
+        for m in node_port_matches(model) {
+            let _ = writeln!(
+                out,
+                "-A {SERVICES} {m} -m comment --comment \"ferry service nodeports\" -j {NODEPORTS}"
+            );
+        }
+        for l in rendered.values().flat_map(|r| &r.nodeports) {
             let _ = writeln!(out, "{l}");
         }
     }
-    for rules in chains.values() {
-        for l in rules.iter() {
-            let _ = writeln!(out, "{l}");
-        }
+    for l in chains.values().copied().flatten() {
+        let _ = writeln!(out, "{l}");
     }
     for c in delete {
         let _ = writeln!(out, "-X {c}");
     }
     let _ = writeln!(out, "COMMIT");
     out
+}
+
+/// The restore input for the service ports in `diff`, updating `rendered` (what is
+/// programmed, per port) to the new rules.
+pub fn partial_restore(
+    rendered: &mut BTreeMap<ServicePortName, ServiceRules>,
+    new: &ProxyModel,
+    diff: &ModelDiff,
+) -> String {
+    let mut write = BTreeSet::new();
+    let mut delete = BTreeSet::new();
+    let mut nodewide = false;
+    for k in diff.changes.keys() {
+        let old = rendered.remove(k).unwrap_or_default();
+        let new_rules = new.services.get(k).map(|sp| render_service(new, sp));
+        let new_ref = new_rules.as_ref();
+        // Chain names hash the port's name: no other port owns these.
+        delete.extend(
+            old.chains
+                .keys()
+                .filter(|c| new_ref.is_none_or(|r| !r.chains.contains_key(*c)))
+                .cloned(),
+        );
+        nodewide |= new_ref.is_none_or(|r| {
+            r.services != old.services || r.nodeports != old.nodeports || r.firewall != old.firewall
+        });
+        if let Some(r) = new_rules {
+            rendered.insert(k.clone(), r);
+            write.insert(k.clone());
+        }
+    }
+    render_restore(new, rendered, Some(&write), nodewide, &delete)
+}
+
+/// What `iptables-save` shows of ferry.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Saved {
+    /// FERRY-* chains of the nat table.
+    pub nat_chains: BTreeSet<String>,
+    /// Jumps from built-in chains ([`JUMPS`]) not yet present: (table, chain, rule).
+    pub missing_jumps: Vec<(&'static str, &'static str, &'static str)>,
+}
+
+/// Reads `iptables-save` output of all tables.
+pub fn parse_save(save: &str) -> Saved {
+    let mut table = "";
+    let mut nat_chains = BTreeSet::new();
+    let mut present = BTreeSet::new();
+    for l in save.lines() {
+        if let Some(t) = l.strip_prefix('*') {
+            table = t.trim();
+        } else if table == "nat" && l.starts_with(":FERRY-") {
+            nat_chains.extend(parse_chains(l));
+        } else if l.starts_with("-A ") {
+            for (i, (t, chain, rule)) in JUMPS.iter().enumerate() {
+                let (tag, target) = jump_signature(rule);
+                if *t == table
+                    && l.starts_with(&format!("-A {chain} "))
+                    && l.contains(tag)
+                    && l.ends_with(target)
+                {
+                    present.insert(i);
+                }
+            }
+        }
+    }
+    Saved {
+        nat_chains,
+        missing_jumps: JUMPS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !present.contains(i))
+            .map(|(_, j)| *j)
+            .collect(),
+    }
+}
+
+/// The comment tag and the `-j TARGET` ending that identify a jump rule.
+fn jump_signature(rule: &'static str) -> (&'static str, &'static str) {
+    let tag = rule
+        .split("--comment ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .unwrap_or(rule);
+    let target = rule.rsplit_once(" -j ").map_or(rule, |(_, t)| t);
+    (tag, target)
+}
+
+/// Inserts the missing jump rules into a restore input (in their table's section,
+/// before its COMMIT).
+pub fn add_jumps(input: &mut String, jumps: &[(&str, &str, &str)]) {
+    for (table, chain, rule) in jumps {
+        let header = format!("*{table}\n");
+        let section = match input.find(&header) {
+            Some(at) => at,
+            None => {
+                input.push_str(&header);
+                input.push_str("COMMIT\n");
+                input.len() - header.len() - "COMMIT\n".len()
+            }
+        };
+        let commit = section + input[section..].find("COMMIT\n").unwrap_or(0);
+        input.insert_str(commit, &format!("-I {chain} {rule}\n"));
+    }
 }
 
 /// FERRY-* chains present in `iptables-save` output of one table.
@@ -358,10 +479,46 @@ pub fn parse_chains(save: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// Which iptables implementation programs the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum IptablesBackend {
+    /// The one already holding more rules, as the iptables-wrapper of kube-proxy's
+    /// image decides (nft when neither holds any: Debian's default).
+    #[default]
+    Auto,
+    /// iptables-nft: rules become nf_tables objects, changed incrementally.
+    Nft,
+    /// iptables-legacy: x_tables; each restore replaces a table's whole blob,
+    /// which is several times faster for big rulesets.
+    Legacy,
+}
+
+impl IptablesBackend {
+    /// The command prefix: `iptables-nft` or `iptables-legacy`.
+    pub fn binary(self, runner: &Runner) -> &'static str {
+        match self {
+            IptablesBackend::Nft => "iptables-nft",
+            IptablesBackend::Legacy => "iptables-legacy",
+            IptablesBackend::Auto => {
+                let rules = |bin: &str| {
+                    runner
+                        .run(&format!("{bin}-save"), &[])
+                        .map_or(0, |s| s.lines().filter(|l| l.starts_with("-A")).count())
+                };
+                if rules("iptables-legacy") > rules("iptables-nft") {
+                    "iptables-legacy"
+                } else {
+                    "iptables-nft"
+                }
+            }
+        }
+    }
+}
+
 /// The iptables datapath.
 pub struct IptablesDatapath {
     runner: Runner,
-    /// "iptables" (whatever the system default is, iptables-nft on Debian) or "iptables-legacy".
+    /// "iptables-nft", "iptables-legacy", or "iptables" (the system's default).
     binary: String,
     programmed: BTreeMap<ServicePortName, ServiceRules>,
     needs_full: bool,
@@ -392,24 +549,12 @@ impl IptablesDatapath {
         res.map(|_| ())
     }
 
-    fn existing(&self) -> anyhow::Result<BTreeSet<String>> {
-        let save = format!("{}-save", self.binary);
-        let nat = self.runner.run(&save, &["-t", "nat"])?;
-        Ok(parse_chains(&nat))
-    }
-
-    fn ensure_jumps(&self) -> anyhow::Result<()> {
-        for (table, chain, rule) in JUMPS {
-            let args: Vec<&str> = rule.split(' ').collect();
-            let mut check = vec!["-w", "-t", table, "-C", chain];
-            check.extend(&args);
-            if !self.runner.succeeds(&self.binary, &check) {
-                let mut ins = vec!["-w", "-t", table, "-I", chain];
-                ins.extend(&args);
-                self.runner.run(&self.binary, &ins)?;
-            }
-        }
-        Ok(())
+    /// One `iptables-save` of every table: with iptables-legacy each command
+    /// reads a whole table, so checking the jumps one `-C` at a time costs more
+    /// than the restore itself at 10,000 services.
+    fn saved(&self) -> anyhow::Result<Saved> {
+        let save = self.runner.run(&format!("{}-save", self.binary), &[])?;
+        Ok(parse_save(&save))
     }
 
     /// Removes every FERRY-* chain and jump with this binary. Returns whether
@@ -466,13 +611,15 @@ impl Datapath for IptablesDatapath {
             .flat_map(|r| r.chains.keys().cloned())
             .chain(NAT_BASE.iter().map(|s| s.to_string()))
             .collect();
-        let stale: BTreeSet<String> = self
-            .existing()?
+        let saved = self.saved()?;
+        let stale: BTreeSet<String> = saved
+            .nat_chains
             .into_iter()
             .filter(|c| !desired.contains(c))
             .collect();
-        let input = render_restore(model, &rendered, None, &stale);
-        if let Err(e) = self.restore(input).and_then(|_| self.ensure_jumps()) {
+        let mut input = render_restore(model, &rendered, None, true, &stale);
+        add_jumps(&mut input, &saved.missing_jumps);
+        if let Err(e) = self.restore(input) {
             self.needs_full = true;
             return Err(e);
         }
@@ -485,41 +632,12 @@ impl Datapath for IptablesDatapath {
         if self.needs_full || diff.globals_changed {
             return self.sync_full(new);
         }
-        let mut rendered = self.programmed.clone();
-        let mut write = BTreeSet::new();
-        let mut delete = BTreeSet::new();
-        for k in diff.changes.keys() {
-            let old_chains: BTreeSet<String> = self
-                .programmed
-                .get(k)
-                .map(|r| r.chains.keys().cloned().collect())
-                .unwrap_or_default();
-            match new.services.get(k) {
-                Some(sp) => {
-                    let r = render_service(new, sp);
-                    for c in old_chains {
-                        if !r.chains.contains_key(&c) {
-                            delete.insert(c);
-                        }
-                    }
-                    rendered.insert(k.clone(), r);
-                    write.insert(k.clone());
-                }
-                None => {
-                    delete.extend(old_chains);
-                    rendered.remove(k);
-                }
-            }
-        }
-        // A chain another port still owns (never expected: names hash the port) stays.
-        let owned: BTreeSet<&String> = rendered.values().flat_map(|r| r.chains.keys()).collect();
-        delete.retain(|c| !owned.contains(c));
-        let input = render_restore(new, &rendered, Some(&write), &delete);
+        // Updated in place: if the restore fails, the next sync is a full one.
+        let input = partial_restore(&mut self.programmed, new, diff);
         if let Err(e) = self.restore(input) {
             self.needs_full = true;
             return Err(e);
         }
-        self.programmed = rendered;
         Ok(())
     }
 
@@ -528,5 +646,65 @@ impl Datapath for IptablesDatapath {
         self.programmed.clear();
         self.needs_full = true;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAVE: &str = "# Generated by iptables-save
+*filter
+:INPUT ACCEPT [0:0]
+:FERRY-FIREWALL - [0:0]
+-A INPUT -m conntrack --ctstate NEW -m comment --comment ferry-firewall -j FERRY-FIREWALL
+COMMIT
+*nat
+:PREROUTING ACCEPT [0:0]
+:FERRY-SERVICES - [0:0]
+:FERRY-SVC-AAAA - [0:0]
+-A PREROUTING -m comment --comment ferry-service-portals -j FERRY-SERVICES
+-A OUTPUT -m comment --comment \"other\" -j FERRY-SERVICES
+COMMIT
+";
+
+    #[test]
+    fn save_tells_chains_and_missing_jumps() {
+        let s = parse_save(SAVE);
+        assert_eq!(
+            s.nat_chains,
+            ["FERRY-SERVICES", "FERRY-SVC-AAAA"]
+                .map(String::from)
+                .into()
+        );
+        let missing: Vec<(&str, &str)> = s.missing_jumps.iter().map(|(t, c, _)| (*t, *c)).collect();
+        assert_eq!(
+            missing,
+            [
+                ("nat", "OUTPUT"),
+                ("nat", "POSTROUTING"),
+                ("filter", "FORWARD"),
+                ("filter", "OUTPUT")
+            ]
+        );
+    }
+
+    #[test]
+    fn jumps_go_into_their_tables_section() {
+        let mut input =
+            "*filter\n:FERRY-FIREWALL - [0:0]\nCOMMIT\n*nat\n:FERRY-SERVICES - [0:0]\nCOMMIT\n"
+                .to_string();
+        add_jumps(&mut input, &parse_save("").missing_jumps);
+        let nat = &input[input.find("*nat").unwrap()..];
+        let filter = &input[..input.find("*nat").unwrap()];
+        assert_eq!(nat.matches("-I ").count(), 3, "{input}");
+        assert_eq!(filter.matches("-I ").count(), 3, "{input}");
+        assert!(nat.contains(
+            "-I PREROUTING -m comment --comment ferry-service-portals -j FERRY-SERVICES"
+        ));
+        assert!(input.ends_with("COMMIT\n"));
+        // Applied once, the jumps are found again.
+        let again = parse_save(&input.replace("-I ", "-A "));
+        assert!(again.missing_jumps.is_empty(), "{again:?}");
     }
 }

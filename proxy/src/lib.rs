@@ -66,6 +66,9 @@ pub struct ProxyArgs {
     /// Period of full resyncs (Go duration, default 30s).
     #[arg(long)]
     pub sync_period: Option<String>,
+    /// iptables mode: which iptables programs the kernel.
+    #[arg(long, value_enum, default_value_t)]
+    pub iptables_backend: iptables::IptablesBackend,
 }
 
 /// Loads the file (if any) and applies flags; returns the config and warnings.
@@ -138,12 +141,9 @@ pub fn cleanup_all(runner: &Runner) -> Vec<&'static str> {
         Ok(false) => {}
         Err(e) => tracing::warn!("cleanup nftables: {e:#}"),
     }
-    for (bin, label) in [
-        ("iptables", "iptables"),
-        ("iptables-legacy", "iptables-legacy"),
-    ] {
+    for bin in ["iptables-nft", "iptables-legacy"] {
         match iptables::IptablesDatapath::remove(runner, bin) {
-            Ok(true) => found.push(label),
+            Ok(true) => found.push(bin),
             Ok(false) => {}
             Err(e) => tracing::warn!("cleanup {bin}: {e:#}"),
         }
@@ -151,15 +151,16 @@ pub fn cleanup_all(runner: &Runner) -> Vec<&'static str> {
     found
 }
 
-/// Removes the leftovers of the modes other than `mode`.
-pub fn cleanup_other_modes(runner: &Runner, mode: Mode) {
+/// Removes the leftovers of the modes other than `mode` (and, in iptables mode, of
+/// the iptables implementation other than `iptables_binary`).
+pub fn cleanup_other_modes(runner: &Runner, mode: Mode, iptables_binary: &str) {
     if mode != Mode::Nftables {
         if let Err(e) = nftables::NftablesDatapath::remove(runner) {
             tracing::warn!("removing nftables leftovers: {e:#}");
         }
     }
-    if mode != Mode::Iptables {
-        for bin in ["iptables", "iptables-legacy"] {
+    for bin in ["iptables-nft", "iptables-legacy"] {
+        if mode != Mode::Iptables || bin != iptables_binary {
             if let Err(e) = iptables::IptablesDatapath::remove(runner, bin) {
                 tracing::warn!("removing {bin} leftovers: {e:#}");
             }
@@ -167,10 +168,13 @@ pub fn cleanup_other_modes(runner: &Runner, mode: Mode) {
     }
 }
 
-/// Makes the datapath for a mode.
-pub fn new_datapath(mode: Mode, runner: Runner) -> Box<dyn Datapath> {
+/// Makes the datapath for a mode (`iptables_binary`: see [`iptables::IptablesBackend`]).
+pub fn new_datapath(mode: Mode, iptables_binary: &str, runner: Runner) -> Box<dyn Datapath> {
     match mode {
-        Mode::Iptables => Box::new(iptables::IptablesDatapath::new(runner)),
+        Mode::Iptables => Box::new(iptables::IptablesDatapath::with_binary(
+            runner,
+            iptables_binary,
+        )),
         _ => Box::new(nftables::NftablesDatapath::new(runner)),
     }
 }
@@ -248,7 +252,14 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         "--node-name: cannot determine this node's name"
     );
     tracing::info!(mode = ?cfg.mode, node = %node_name, "starting ferry proxy");
-    cleanup_other_modes(&runner, cfg.mode);
+    let iptables_binary = match cfg.mode {
+        Mode::Iptables => args.iptables_backend.binary(&runner),
+        _ => "",
+    };
+    if cfg.mode == Mode::Iptables {
+        tracing::info!("iptables mode with {iptables_binary}");
+    }
+    cleanup_other_modes(&runner, cfg.mode, iptables_binary);
     apply_conntrack_sysctls(&cfg.conntrack);
 
     let kube_config = match &cfg.kubeconfig {
@@ -287,7 +298,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         masquerade_all: cfg.masquerade_all,
         node_port_addresses: cfg.node_port_addresses.clone(),
     };
-    let dp = new_datapath(cfg.mode, runner.clone());
+    let dp = new_datapath(cfg.mode, iptables_binary, runner.clone());
     let sync = SyncLoop {
         cfg: cfg.clone(),
         model_cfg,

@@ -405,6 +405,12 @@ impl NftSocket {
             }
         }
         if !errors.is_empty() {
+            // One cause usually fails every message after it: show the first few.
+            let more = errors.len().saturating_sub(3);
+            errors.truncate(3);
+            if more > 0 {
+                errors.push(format!("{more} more"));
+            }
             bail!(
                 "nf_tables rejected the element batch: {}",
                 errors.join("; ")

@@ -195,7 +195,7 @@ fn iptables_full_restore_golden() {
     let stale = ["FERRY-SVC-OLDOLDOLDOLDO".to_string()].into();
     check_golden(
         "iptables-full.rules",
-        &iptables::render_restore(&m, &rendered, None, &stale),
+        &iptables::render_restore(&m, &rendered, None, true, &stale),
     );
 }
 
@@ -205,27 +205,9 @@ fn iptables_partial_restore_golden() {
     let old = golden_model(false);
     let new = golden_model(true);
     let diff = model::diff(&old, &new);
-    let old_r = iptables::render_services(&old);
-    let new_r = iptables::render_services(&new);
-    let write: std::collections::BTreeSet<_> = diff
-        .changes
-        .keys()
-        .filter(|k| new_r.contains_key(*k))
-        .cloned()
-        .collect();
-    let mut delete = std::collections::BTreeSet::new();
-    for k in diff.changes.keys() {
-        for c in old_r
-            .get(k)
-            .map(|r| r.chains.keys().cloned().collect::<Vec<_>>())
-            .unwrap_or_default()
-        {
-            if !new_r.get(k).is_some_and(|r| r.chains.contains_key(&c)) {
-                delete.insert(c);
-            }
-        }
-    }
-    let input = iptables::render_restore(&new, &new_r, Some(&write), &delete);
+    let mut programmed = iptables::render_services(&old);
+    let input = iptables::partial_restore(&mut programmed, &new, &diff);
+    assert_eq!(programmed, iptables::render_services(&new));
     check_golden("iptables-partial.rules", &input);
     // Chains of untouched services are not declared (so not flushed).
     let np_chain = format!(
@@ -237,4 +219,31 @@ fn iptables_partial_restore_golden() {
         input.contains(&format!("-j {np_chain}")),
         "still referenced from FERRY-SERVICES"
     );
+}
+
+/// A change of endpoints only rewrites that service's chain: no node-wide chain
+/// (FERRY-SERVICES holds a rule per service) and no filter table.
+#[test]
+fn iptables_endpoint_change_rewrites_only_its_chain() {
+    use ferry_proxy::iptables;
+    let (svcs, mut slices) = objects(false);
+    let node = node("node-a", &["192.168.50.2"]);
+    let old = model::build(&svcs, &slices, Some(&node), &config());
+    slices[0] = slice(
+        "ns",
+        "web",
+        "web-abc",
+        HTTP,
+        &[ep("10.244.1.1", "node-a"), ep("10.244.2.9", "node-b")],
+    );
+    let new = model::build(&svcs, &slices, Some(&node), &config());
+    let diff = model::diff(&old, &new);
+    assert_eq!(diff.len(), 1);
+    let mut programmed = iptables::render_services(&old);
+    let input = iptables::partial_restore(&mut programmed, &new, &diff);
+    assert!(!input.contains("*filter"), "{input}");
+    assert!(!input.contains(iptables::SERVICES), "{input}");
+    assert!(input.contains("--to-destination 10.244.2.9:80"), "{input}");
+    let declared = input.lines().filter(|l| l.starts_with(':')).count();
+    assert_eq!(declared, 1, "one chain declared: {input}");
 }

@@ -11,16 +11,37 @@ fn mk(r: Runner) -> Box<dyn Datapath> {
     Box::new(IptablesDatapath::new(r))
 }
 
+fn mk_legacy(r: Runner) -> Box<dyn Datapath> {
+    Box::new(IptablesDatapath::with_binary(r, "iptables-legacy"))
+}
+
 /// Rules (with packet counters) of services the update must not touch: a
-/// rewritten chain would come back with zeroed counters.
+/// rewritten chain would come back with zeroed counters. Their chains are the
+/// targets of their FERRY-SERVICES/FERRY-NODEPORTS rules, and what those jump to.
 fn snapshot(r: &Runner) -> String {
     let out = r.run("iptables-save", &["-c", "-t", "nat"]).unwrap();
-    out.lines()
+    let untouched =
+        |l: &str| l.contains("ns/np") || l.contains("ns/sticky") || l.contains("ns/local");
+    let target = |l: &str| l.rsplit(" -j ").next().unwrap_or_default().to_string();
+    let mut chains: std::collections::BTreeSet<String> = out
+        .lines()
         .filter(|l| {
-            l.starts_with('[')
-                && (l.contains("ns/np") || l.contains("ns/sticky") || l.contains("ns/local"))
+            untouched(l) && (l.contains("-A FERRY-SERVICES") || l.contains("-A FERRY-NODEPORTS"))
         })
-        .filter(|l| !l.contains("-A FERRY-SERVICES") && !l.contains("-A FERRY-NODEPORTS"))
+        .map(target)
+        .collect();
+    for _ in 0..2 {
+        let deeper: Vec<String> = out
+            .lines()
+            .filter(|l| chains.iter().any(|c| l.contains(&format!("-A {c} "))))
+            .map(target)
+            .filter(|t| t.starts_with("FERRY-S") || t.starts_with("FERRY-EXT"))
+            .collect();
+        chains.extend(deeper);
+    }
+    assert!(chains.len() >= 5, "{chains:?}");
+    out.lines()
+        .filter(|l| chains.iter().any(|c| l.contains(&format!("-A {c} "))))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -34,6 +55,13 @@ fn leftovers(r: &Runner) -> String {
         .filter(|l| l.contains("FERRY"))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+#[test]
+fn legacy_clusterip_tcp_udp_reaches_every_endpoint() {
+    if require_root() {
+        check_clusterip_reaches_every_endpoint(mk_legacy);
+    }
 }
 
 #[test]

@@ -393,19 +393,23 @@ pub fn check_cross_mode_cleanup() {
     use ferry_proxy::Mode;
     let t = Topo::new();
     let r = t.runner();
-    let mut nft = ferry_proxy::new_datapath(Mode::Nftables, r.clone());
+    let mut nft = ferry_proxy::new_datapath(Mode::Nftables, "", r.clone());
     nft.sync_full(&build_model(&[0])).unwrap();
-    ferry_proxy::cleanup_other_modes(&r, Mode::Iptables);
+    ferry_proxy::cleanup_other_modes(&r, Mode::Iptables, "iptables-nft");
     assert!(!r.succeeds("nft", &["list", "table", "ip", "ferry"]));
-    let mut ipt = ferry_proxy::new_datapath(Mode::Iptables, r.clone());
+    let mut ipt = ferry_proxy::new_datapath(Mode::Iptables, "iptables-nft", r.clone());
     ipt.sync_full(&build_model(&[0])).unwrap();
-    let mut nft = ferry_proxy::new_datapath(Mode::Nftables, r.clone());
+    // iptables mode with one implementation removes the other's chains.
+    let mut legacy = ferry_proxy::new_datapath(Mode::Iptables, "iptables-legacy", r.clone());
+    legacy.sync_full(&build_model(&[0])).unwrap();
+    ferry_proxy::cleanup_other_modes(&r, Mode::Iptables, "iptables-nft");
+    let legacy_save = r.run("iptables-legacy-save", &[]).unwrap();
+    assert!(!legacy_save.contains("FERRY"), "{legacy_save}");
+    legacy.sync_full(&build_model(&[0])).unwrap();
+    let mut nft = ferry_proxy::new_datapath(Mode::Nftables, "", r.clone());
     nft.sync_full(&build_model(&[0])).unwrap();
     let found = ferry_proxy::cleanup_all(&r);
-    assert!(
-        found.contains(&"nftables") && found.contains(&"iptables"),
-        "{found:?}"
-    );
+    assert_eq!(found, ["nftables", "iptables-nft", "iptables-legacy"]);
     assert!(!r.succeeds("nft", &["list", "table", "ip", "ferry"]));
     let save = r.run("iptables-save", &[]).unwrap();
     assert!(!save.contains("FERRY"), "{save}");
