@@ -188,6 +188,15 @@ impl ControlPlane {
     }
 }
 
+/// `ferry proxy` flags for a mode label: a mode, or `iptables-legacy` /
+/// `iptables-nft` for iptables mode with that implementation.
+pub fn proxy_mode_args(label: &str) -> Vec<&str> {
+    match label.strip_prefix("iptables-") {
+        Some(backend) => vec!["--mode", "iptables", "--iptables-backend", backend],
+        None => vec!["--mode", label],
+    }
+}
+
 /// A `ferry proxy` in a node namespace.
 pub struct Proxy {
     pub child: ChildGuard,
@@ -209,7 +218,9 @@ impl Proxy {
         let started = Instant::now();
         let child = node
             .command(ferry.to_str().context("ferry path")?)
-            .args(["proxy", "--mode", mode, "--kubeconfig"])
+            .arg("proxy")
+            .args(proxy_mode_args(mode))
+            .arg("--kubeconfig")
             .arg(kubeconfig)
             .args(["--node-name", node_name, "--cluster-cidr", cluster_cidr])
             .args(["--metrics-bind-address", "127.0.0.1:10249"])

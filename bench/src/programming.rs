@@ -15,19 +15,23 @@ use crate::stats::{p50_p99, Summary};
 use crate::topology::{self, Topology};
 use crate::Ctx;
 
-const MODES: [&str; 2] = ["nftables", "iptables"];
+/// Proxy modes measured (see [`cluster::proxy_mode_args`]): iptables mode once
+/// with each iptables implementation.
+const MODES: [&str; 3] = ["nftables", "iptables-legacy", "iptables-nft"];
 
 /// kube-proxy v1.30.3's first full sync on this kind of machine (shared/FACTS.md):
 /// (mode, services, seconds).
 const KUBE_PROXY_SYNC: &[(&str, usize, f64, &str)] = &[
     ("nftables", 1_000, 1.51, "1.51 s"),
     ("nftables", 10_000, 164.0, "2 min 44 s"),
-    ("iptables", 1_000, 5.27, "5.27 s (iptables-nft)"),
+    ("iptables-legacy", 1_000, 0.4, "≈ 0.4 s"),
+    ("iptables-legacy", 10_000, 9.94, "9.94 s"),
+    ("iptables-nft", 1_000, 5.27, "5.27 s"),
     (
-        "iptables",
+        "iptables-nft",
         10_000,
         1560.0,
-        "> 26 min, aborted (iptables-nft); 9.94 s on iptables-legacy",
+        "> 26 min (iptables-restore aborted)",
     ),
 ];
 
@@ -92,7 +96,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     let mut rep = Report::new(
         "programming",
         &format!(
-            "Rule programming: {} services × 10 endpoints, nftables and iptables modes",
+            "Rule programming: {} services × 10 endpoints, nftables mode and iptables mode (legacy and nft)",
             sizes
                 .iter()
                 .map(|s| s.to_string())
@@ -167,7 +171,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         .await?;
         let last = size - 1;
         let last_ip = cluster_ips[last].1.clone();
-        for mode in MODES {
+        for (round, mode) in MODES.into_iter().enumerate() {
             let mut results = Vec::new();
             let mut kept: Option<Proxy> = None;
             for run in 0..runs {
@@ -271,7 +275,6 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
                 }
             }
             if let Some(mut proxy) = kept {
-                let round = if mode == "iptables" { 1 } else { 0 };
                 let r = change_to_live(
                     &rt,
                     &client,
