@@ -26,7 +26,10 @@ const OWN: &str = "ferry-bench (tokio load generator)";
 
 /// Run counts and durations of one measurement pass.
 pub(crate) struct Sizes {
+    /// Runs of the latency, connection and UDP figures.
     pub runs: usize,
+    /// Runs of the throughput figure.
+    pub tput_runs: usize,
     pub tput_secs: u32,
     pub secs: f64,
     pub conc: usize,
@@ -121,6 +124,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     let z = if ctx.quick {
         Sizes {
             runs: 3,
+            tput_runs: 3,
             tput_secs: 1,
             secs: 0.7,
             conc: 8,
@@ -128,6 +132,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     } else {
         Sizes {
             runs: 3,
+            tput_runs: 3,
             tput_secs: 2,
             secs: 1.5,
             conc: 8,
@@ -420,7 +425,7 @@ pub(crate) async fn measure(
     suite: &str,
 ) -> Result<()> {
     let dur = Duration::from_secs_f64(z.secs);
-    for run in 0..z.runs {
+    for run in 0..z.tput_runs {
         for p in paths {
             let (ns, t, secs) = (p.client.ns.clone(), p.iperf, z.tput_secs);
             match tokio::task::spawn_blocking(move || iperf3(&ns, t, secs)).await? {

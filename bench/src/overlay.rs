@@ -44,18 +44,22 @@ const POD_IFNAME: &str = "eth0";
 const TARGETS: [(Backend, f64); 2] = [(Backend::Vxlan, 0.9), (Backend::HostGw, 0.97)];
 
 pub async fn run(ctx: &Ctx) -> Result<Report> {
+    // Throughput, the figure with targets, gets the most runs: others' load on
+    // the 2 cores moves single runs by ±30 %.
     let z = if ctx.quick {
         Sizes {
             runs: 3,
+            tput_runs: 4,
             tput_secs: 1,
-            secs: 0.5,
+            secs: 0.4,
             conc: 8,
         }
     } else {
         Sizes {
-            runs: 4,
-            tput_secs: 2,
-            secs: 0.8,
+            runs: 3,
+            tput_runs: 9,
+            tput_secs: 1,
+            secs: 0.6,
             conc: 8,
         }
     };
@@ -112,21 +116,25 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         rep.note(n);
     }
     for (backend, target) in TARGETS {
-        if let Some(r) = rep
-            .find("pod-to-pod", backend.as_str(), TPUT)
-            .and_then(|r| r.ratio_to_direct)
-        {
-            rep.note(format!(
-                "Target pod-to-pod throughput over {} ≥ {target} × underlay: {r:.3} — {}",
-                backend.as_str(),
-                if r >= target { "met" } else { "NOT met" }
-            ));
-        }
+        let mode = backend.as_str();
+        let (Some(pods), Some(underlay)) = (
+            rep.find("pod-to-pod", mode, TPUT),
+            rep.find("underlay", mode, TPUT),
+        ) else {
+            continue;
+        };
+        let r = pods.median / underlay.median;
+        // The fastest runs are the ones others' load disturbed least.
+        let best = pods.max / underlay.max;
+        rep.note(format!(
+            "Target pod-to-pod throughput over {mode} ≥ {target} × underlay: {r:.3} (medians) — {}; fastest runs: {best:.3}",
+            if r >= target { "met" } else { "NOT met" }
+        ));
     }
     rep.note(format!(
-        "Topology: two node namespaces on one underlay bridge (veths, MTU 1500), one pod on each; a fresh cluster per backend, set up by ferry-overlay's Reconciler and PodNetwork with `ferry overlay`'s defaults (VXLAN: flannel.1, VNI 1, UDP 8472; masquerade on). `underlay` is node-1 → node-2 over the same veths and bridge, with the same tools, in each backend's cluster; pod-to-pod is pod-1 → pod-2 (pod veth, cni0, the backend, the underlay, cni0, pod veth). Runs alternate underlay / pod-to-pod, and each backend's ratios are to the underlay of its own cluster. {}. Throughput: iperf3 -J, one TCP stream, {} s per run. Latency: {MSG}-byte request/response on one persistent TCP connection, {:.1} s per run. Connections: {} concurrent clients, one {MSG}-byte request each, {:.1} s per run. UDP: {} sockets, one {MSG}-byte datagram in flight each, {:.1} s per run. Client, server and the kernel's forwarding share 2 cores.",
+        "Topology: two node namespaces on one underlay bridge (veths, MTU 1500), one pod on each; a fresh cluster per backend, set up by ferry-overlay's Reconciler and PodNetwork with `ferry overlay`'s defaults (VXLAN: flannel.1, VNI 1, UDP 8472; masquerade on). `underlay` is node-1 → node-2 over the same veths and bridge, with the same tools, in each backend's cluster; pod-to-pod is pod-1 → pod-2 (pod veth, cni0, the backend, the underlay, cni0, pod veth). Runs alternate underlay / pod-to-pod, and each backend's ratios are to the underlay of its own cluster. {}. Throughput: iperf3 -J, one TCP stream, {} runs of {} s. Latency: {MSG}-byte request/response on one persistent TCP connection, {:.1} s per run. Connections: {} concurrent clients, one {MSG}-byte request each, {:.1} s per run. UDP: {} sockets, one {MSG}-byte datagram in flight each, {:.1} s per run. Client, server and the kernel's forwarding share 2 cores.",
         setup.join("; "),
-        z.tput_secs, z.secs, z.conc, z.secs, z.conc, z.secs, MSG = crate::loadgen::MSG
+        z.tput_runs, z.tput_secs, z.secs, z.conc, z.secs, z.conc, z.secs, MSG = crate::loadgen::MSG
     ));
     Ok(rep)
 }
