@@ -118,7 +118,7 @@ where
         let ph = PANEL_EXTRA + BAR_H * recs.len() as u32;
         let (area, r) = rest.split_vertically(ph);
         rest = r;
-        panel(&area, &key, &recs, text).map_err(e)?;
+        panel(&area, &key, &recs, &report.reference, text).map_err(e)?;
     }
     Ok(())
 }
@@ -127,6 +127,7 @@ fn panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     key: &str,
     recs: &[&Record],
+    reference: &str,
     text: bool,
 ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
     let n = recs.len();
@@ -159,7 +160,12 @@ fn panel<DB: DrawingBackend>(
     }
     for (i, r) in recs.iter().enumerate() {
         let y = (n - 1 - i) as f64;
-        let c = color(&r.mode);
+        // The reference path (the limit) is grey whatever mode it was measured with.
+        let c = if r.path == reference {
+            color("-")
+        } else {
+            color(&r.mode)
+        };
         chart.draw_series(std::iter::once(Rectangle::new(
             [(0.0, y + 0.18), (r.median.max(0.0), y + 0.82)],
             c.mix(0.75).filled(),
