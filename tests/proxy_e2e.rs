@@ -822,6 +822,39 @@ fn session_affinity(mode: Mode) {
         assert!(r.iter().all(|x| is_reply(x)), "{:?}", summary(&r));
         assert_eq!(names(&r).len(), 1, "{proto}: {:?}", summary(&r));
     }
+    // The timeout is honoured: 1 s after its last connection a client may land on
+    // another backend (with 3 backends, 10 expiries all on the same one would
+    // have probability 3^-9), and within the timeout it sticks.
+    c.apply(&[
+        service(
+            "brief",
+            &[HTTP],
+            json!({"sessionAffinity": "ClientIP",
+                   "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 1}}}),
+        ),
+        slice("brief", &[HTTP], &[ready(0), ready(1), ready(2)]),
+    ]);
+    let addr = format!("{}:80", c.cluster_ip("brief"));
+    c.wait_served("tcp", &addr);
+    let mut seen = BTreeSet::new();
+    for _ in 0..10 {
+        let r = c.ask("tcp", &addr, 5);
+        assert_eq!(
+            names(&r).len(),
+            1,
+            "sticks within the timeout: {:?}",
+            summary(&r)
+        );
+        seen.extend(names(&r));
+        if seen.len() > 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2200));
+    }
+    assert!(
+        seen.len() > 1,
+        "affinity outlived its 1 s timeout: always {seen:?}"
+    );
 }
 
 /// externalTrafficPolicy Local: only local endpoints, the client's address kept;
