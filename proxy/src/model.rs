@@ -351,6 +351,16 @@ fn parse_ipv4(s: &str) -> Option<Ipv4Addr> {
     s.parse::<Ipv4Addr>().ok()
 }
 
+/// A port's protocol (TCP when unset); an unknown one is reported through `warn`.
+fn port_protocol(port: &str, proto: Option<&str>, warn: impl FnOnce(String)) -> Option<Protocol> {
+    let p = proto.unwrap_or("TCP");
+    let parsed = Protocol::parse(p);
+    if parsed.is_none() {
+        warn(format!("port {port:?}: unknown protocol {p:?}"));
+    }
+    parsed
+}
+
 fn port_u16(p: i32) -> Option<u16> {
     if (1..=65535).contains(&p) {
         Some(p as u16)
@@ -673,14 +683,9 @@ fn service_ports(svc: &Service, w: &mut Warn) -> Option<Vec<ServicePort>> {
     let mut ports = Vec::new();
     for p in spec.ports.iter().flatten() {
         let pname = p.name.clone().unwrap_or_default();
-        let proto_s = p.protocol.as_deref().unwrap_or("TCP");
-        let Some(protocol) = Protocol::parse(proto_s) else {
-            w.push(
-                ObjectKind::Service,
-                &ns,
-                &name,
-                format!("port {pname:?}: unknown protocol {proto_s:?}"),
-            );
+        let Some(protocol) = port_protocol(&pname, p.protocol.as_deref(), |reason| {
+            w.push(ObjectKind::Service, &ns, &name, reason)
+        }) else {
             continue;
         };
         let Some(port) = port_u16(p.port) else {
@@ -752,14 +757,9 @@ fn raw_endpoints(
         };
         for sp in slice.ports.iter().flatten() {
             let pname = sp.name.clone().unwrap_or_default();
-            let proto_s = sp.protocol.as_deref().unwrap_or("TCP");
-            let Some(protocol) = Protocol::parse(proto_s) else {
-                w.push(
-                    ObjectKind::EndpointSlice,
-                    &ns,
-                    &sname,
-                    format!("port {pname:?}: unknown protocol {proto_s:?}"),
-                );
+            let Some(protocol) = port_protocol(&pname, sp.protocol.as_deref(), |reason| {
+                w.push(ObjectKind::EndpointSlice, &ns, &sname, reason)
+            }) else {
                 continue;
             };
             let Some(port) = sp.port.and_then(port_u16) else {
