@@ -25,7 +25,7 @@ enum Command {
     Cni,
     /// Node agent: registers its Node and runs the pods bound to it as processes.
     Node(ferry_node::NodeArgs),
-    /// Benchmarks: control plane, rule programming, datapath; a report in --out.
+    /// Benchmarks: control plane, rule programming, datapath, overlay; a report in --out.
     Bench(ferry_bench::BenchArgs),
     /// A whole multi-node cluster on this machine, nodes as network namespaces.
     Cluster {
