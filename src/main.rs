@@ -40,13 +40,19 @@ fn main() -> anyhow::Result<()> {
     if std::env::args().len() == 1 && std::env::var_os("CNI_COMMAND").is_some() {
         std::process::exit(ferry_overlay::cni_main());
     }
+    let cli = Cli::parse();
+    // The bench prints its own progress; the libraries it drives stay quiet.
+    let default_level = match cli.command {
+        Command::Bench(_) => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new()?;
     match cli.command {
         Command::Controlplane(args) => runtime.block_on(ferry_controlplane::run(args)),

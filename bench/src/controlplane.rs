@@ -263,6 +263,31 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     ));
     sample_rss("after writes");
 
+    // EndpointSlice controller: pod readiness change → its slice updated.
+    let c = client.clone();
+    let flips = if ctx.quick { 10 } else { 30 };
+    let lat = rt
+        .run(async move { endpointslice_latency(c, flips).await })
+        .await?;
+    let mut sorted = lat.clone();
+    if let (Some((p50, p99)), Some(s)) = (p50_p99(&mut sorted), Summary::of(&lat)) {
+        progress(format!(
+            "controlplane: pod readiness → EndpointSlice: p50 {p50:.1} ms, p99 {p99:.1} ms ({} changes)",
+            lat.len()
+        ));
+        for (q, v) in [("p50", p50), ("p99", p99)] {
+            rep.push(Record::new(
+                "controller",
+                "-",
+                &format!("pod Ready flip → EndpointSlice updated (watch event), {q}"),
+                "ms",
+                Summary { median: v, ..s },
+                TOOL,
+            ));
+        }
+        rep.note(format!("EndpointSlice controller: {} pod status writes, each flipping one of 20 pods' Ready condition, 50 ms apart; the figure runs from sending the status PATCH until a watch on the service's EndpointSlices shows that endpoint's `ready` changed (min/max = fastest/slowest change). Target (issue 5): updated within 100 ms.", lat.len()));
+    }
+
     let rss: Vec<f64> = rss_samples.iter().map(|s| s.0).collect();
     let hwm = rss_samples.iter().map(|s| s.1).fold(0.0, f64::max);
     rep.push(Record::new(
@@ -503,6 +528,102 @@ async fn wait_all_seen(arrivals: &[Arrivals], seq: u64, limit: Duration) -> bool
 }
 
 /// `writers` tasks patching distinct services for `secs` (at most 100,000 writes).
+/// A Service selecting 20 pods (running, with IPs); `flips` times, one pod's Ready
+/// condition is flipped through pods/status and the time until a watch on the
+/// Service's EndpointSlices shows the change is recorded (ms).
+async fn endpointslice_latency(client: kube::Client, flips: usize) -> Result<Vec<f64>> {
+    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    const PODS: usize = 20;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), BENCH_NS);
+    let svcs: Api<Service> = Api::namespaced(client.clone(), BENCH_NS);
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), BENCH_NS);
+    // Endpoint readiness as the watch last showed it (watching before anything
+    // exists, so every slice version arrives as an event).
+    let seen: Arc<Mutex<std::collections::HashMap<String, bool>>> = Default::default();
+    let notify = Arc::new(tokio::sync::Notify::new());
+    let (s2, n2) = (seen.clone(), notify.clone());
+    let wp = WatchParams::default().labels("kubernetes.io/service-name=ctl-bench");
+    let mut stream = slices.watch(&wp, "0").await?.boxed();
+    let watch = tokio::spawn(async move {
+        while let Some(Ok(ev)) = stream.next().await {
+            if let WatchEvent::Added(sl) | WatchEvent::Modified(sl) = ev {
+                let mut m = s2.lock().unwrap();
+                for e in sl.endpoints.iter().flatten() {
+                    let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(false);
+                    for a in &e.addresses {
+                        m.insert(a.clone(), ready);
+                    }
+                }
+                n2.notify_waiters();
+            }
+        }
+    });
+    svcs.create(
+        &Default::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": "ctl-bench"},
+            "spec": {"selector": {"app": "ctl-bench"}, "ports": [{"port": 80, "targetPort": 8080}]},
+        }))?,
+    )
+    .await?;
+    let ip = |i: usize| format!("10.250.0.{}", i + 1);
+    let status = |i: usize, ready: bool| {
+        let s = if ready { "True" } else { "False" };
+        json!({"status": {"phase": "Running", "podIP": ip(i), "podIPs": [{"ip": ip(i)}],
+            "conditions": [{"type": "Ready", "status": s}, {"type": "ContainersReady", "status": s}]}})
+    };
+    for i in 0..PODS {
+        let name = format!("ctl-bench-{i}");
+        pods.create(
+            &Default::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": {"app": "ctl-bench"}},
+                "spec": {"nodeName": "bench-node-ctl", "containers": [{"name": "c", "image": "none"}]},
+            }))?,
+        )
+        .await?;
+        pods.patch_status(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(status(i, true)),
+        )
+        .await?;
+    }
+    let shows = |ip: &str, ready: bool| seen.lock().unwrap().get(ip) == Some(&ready);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(0..PODS).all(|i| shows(&ip(i), true)) {
+        anyhow::ensure!(Instant::now() < deadline, "endpoints never became ready");
+        let _ = tokio::time::timeout(Duration::from_millis(50), notify.notified()).await;
+    }
+    let mut lat = Vec::new();
+    for k in 0..flips {
+        let i = k % PODS;
+        let ready = (k / PODS) % 2 == 1;
+        let t0 = Instant::now();
+        pods.patch_status(
+            &format!("ctl-bench-{i}"),
+            &PatchParams::default(),
+            &Patch::Merge(status(i, ready)),
+        )
+        .await?;
+        while !shows(&ip(i), ready) {
+            if t0.elapsed() > Duration::from_secs(5) {
+                let now = slices
+                    .list(&ListParams::default().labels("kubernetes.io/service-name=ctl-bench"))
+                    .await?;
+                let pod = pods.get(&format!("ctl-bench-{i}")).await?;
+                bail!("slice not updated within 5 s: pod {i} ready={ready}; watch saw {:?}; slices now {:?}; pod status {:?}", seen.lock().unwrap(), serde_json::to_string(&now.items), pod.status);
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(5), notify.notified()).await;
+        }
+        lat.push(t0.elapsed().as_secs_f64() * 1e3);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    watch.abort();
+    Ok(lat)
+}
+
 async fn sustained_writes(
     client: kube::Client,
     writers: usize,

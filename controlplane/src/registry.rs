@@ -23,8 +23,12 @@ use crate::{defaults, validation};
 /// Namespaces that exist from the start and may not be deleted.
 pub const SYSTEM_NAMESPACES: &[&str] =
     &["default", "kube-system", "kube-public", "kube-node-lease"];
-/// Tries of a patch that lost a race with another writer.
-const PATCH_RETRIES: usize = 5;
+/// Tries of a patch that lost a race with another writer. Every lost race means
+/// another write committed, so the writers as a whole always progress; like
+/// kube-apiserver's GuaranteedUpdate a patch without a resourceVersion retries
+/// until it lands — bounded here only against a pathological hot spot (64
+/// writers on one object lose 5 races in a row routinely).
+const PATCH_RETRIES: usize = 100;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FieldValidation {
@@ -604,8 +608,29 @@ impl Registry {
                 _ => self.replace(res, &current, patched, sub, opts).await,
             };
             match result {
-                Err(e) if e.reason == "Conflict" && !pinned && tries < PATCH_RETRIES => tries += 1,
+                Err(e) if e.reason == "Conflict" && !pinned && tries < PATCH_RETRIES => {
+                    tries += 1;
+                    self.await_newer(res, ns, name, current.revision).await;
+                }
                 other => return other,
+            }
+        }
+    }
+
+    /// Waits (briefly) until the cache shows a version of the object newer than
+    /// `seen`: the store has committed the write a patch lost to, and retrying
+    /// before the cache has it would only lose again.
+    async fn await_newer(
+        &self,
+        res: &'static ResourceInfo,
+        ns: Option<&str>,
+        name: &str,
+        seen: Revision,
+    ) {
+        let key = res.object_key(ns, name);
+        while self.cache.get(&key).map(|o| o.revision) == Some(seen) {
+            if !self.cache.wait_for(self.cache.revision() + 1).await {
+                return;
             }
         }
     }
