@@ -573,6 +573,7 @@ async fn endpointslice_latency(client: kube::Client, flips: usize) -> Result<Vec
         json!({"status": {"phase": "Running", "podIP": ip(i), "podIPs": [{"ip": ip(i)}],
             "conditions": [{"type": "Ready", "status": s}, {"type": "ContainersReady", "status": s}]}})
     };
+    let created = Instant::now();
     for i in 0..PODS {
         let name = format!("ctl-bench-{i}");
         pods.create(
@@ -591,11 +592,28 @@ async fn endpointslice_latency(client: kube::Client, flips: usize) -> Result<Vec
         .await?;
     }
     let shows = |ip: &str, ready: bool| seen.lock().unwrap().get(ip) == Some(&ready);
+    progress(format!(
+        "controlplane: {PODS} pods created in {:.1} s",
+        created.elapsed().as_secs_f64()
+    ));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !(0..PODS).all(|i| shows(&ip(i), true)) {
-        anyhow::ensure!(Instant::now() < deadline, "endpoints never became ready");
+        if Instant::now() > deadline {
+            let now = slices
+                .list(&ListParams::default().labels("kubernetes.io/service-name=ctl-bench"))
+                .await?;
+            bail!(
+                "the EndpointSlice controller did not make 20 endpoints ready within 10 s: the watch saw {:?}; slices now {}",
+                seen.lock().unwrap(),
+                serde_json::to_string(&now.items)?
+            );
+        }
         let _ = tokio::time::timeout(Duration::from_millis(50), notify.notified()).await;
     }
+    progress(format!(
+        "controlplane: {PODS} endpoints ready {:.1} s after the first pod",
+        created.elapsed().as_secs_f64()
+    ));
     let mut lat = Vec::new();
     for k in 0..flips {
         let i = k % PODS;

@@ -216,7 +216,7 @@ pub fn start(
     ));
     tokio::spawn(node_lifecycle::run(registry.clone(), lifecycle));
     tokio::spawn(run(
-        endpointslices::EndpointSliceController,
+        endpointslices::EndpointSliceController::default(),
         registry.clone(),
     ));
     tokio::spawn(run(garbage::GarbageCollector, registry.clone()));
