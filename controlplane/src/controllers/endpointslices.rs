@@ -217,6 +217,8 @@ fn selector_of(svc: &Value) -> Option<Map<String, Value>> {
 impl Controller for EndpointSliceController {
     type Key = ObjectId;
     const NAME: &'static str = "endpointslice-controller";
+    /// Services are independent (kube-controller-manager runs 5 workers).
+    const CONCURRENCY: usize = 16;
 
     /// Services with a selector, and those whose managed slices remain (a
     /// selector removed while the controller was down); rebuilds the index.

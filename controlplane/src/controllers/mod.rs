@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -37,6 +38,10 @@ const RESYNC_EVERY: Duration = Duration::from_secs(30);
 pub trait Controller: Send + Sync + 'static {
     type Key: Hash + Eq + Clone + Debug + Send + Sync;
     const NAME: &'static str;
+    /// Keys reconciled at once. One by default: the scheduler places pods one
+    /// after another; controllers whose keys are independent raise it so their
+    /// writes share the store's group commits.
+    const CONCURRENCY: usize = 1;
     /// Every key there is (start-up and periodic resync).
     fn all_keys(&self, registry: &Registry) -> Vec<Self::Key>;
     /// The keys one change may affect.
@@ -65,13 +70,20 @@ pub async fn run<C: Controller>(controller: C, registry: Arc<Registry>) {
     let mut resync =
         tokio::time::interval_at(tokio::time::Instant::now() + RESYNC_EVERY, RESYNC_EVERY);
     loop {
-        let mut failed = HashSet::new();
-        for key in std::mem::take(&mut dirty) {
-            if let Err(e) = controller.reconcile(&registry, &key).await {
+        let (c, r) = (&controller, &*registry);
+        let failed: HashSet<C::Key> = futures::stream::iter(std::mem::take(&mut dirty))
+            .map(|key| async move {
+                let result = c.reconcile(r, &key).await;
+                (key, result)
+            })
+            .buffer_unordered(C::CONCURRENCY)
+            .filter_map(|(key, result)| async move {
+                let e = result.err()?;
                 tracing::debug!(controller = C::NAME, ?key, error = %e, "reconcile failed; retrying");
-                failed.insert(key);
-            }
-        }
+                Some(key)
+            })
+            .collect()
+            .await;
         let retry = tokio::time::sleep(if failed.is_empty() {
             RESYNC_EVERY
         } else {
