@@ -190,22 +190,14 @@ impl TwoNodeCluster {
         let mut nodes = Vec::new();
         for i in 1..=2u8 {
             let ns = Netns::new(&format!("ovl-n{i}"))?;
-            let port = format!("p{i}");
-            fabric.ip(&[
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
+            ferry_testkit::bridge_port(
+                &fabric,
+                "br0",
+                &format!("p{i}"),
+                &ns,
                 "eth0",
-                "netns",
-                ns.name(),
-            ])?;
-            fabric.ip(&["link", "set", &port, "master", "br0", "up"])?;
-            ns.add_addr("eth0", &format!("{}/24", node_ip(i)))?;
-            ns.link_up("eth0")?;
+                &format!("{}/24", node_ip(i)),
+            )?;
             nodes.push(OverlayNode {
                 name: format!("node-{i}"),
                 rt: NsRuntime::new(ns.name(), 1)?,

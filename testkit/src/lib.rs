@@ -351,6 +351,33 @@ pub fn veth(
     Ok(())
 }
 
+/// A node on a bridge: a veth whose end `port` in `bridge_ns` is enslaved to
+/// `bridge`, and whose peer `node_if` in `node` has `node_cidr`; both up.
+pub fn bridge_port(
+    bridge_ns: &Netns,
+    bridge: &str,
+    port: &str,
+    node: &Netns,
+    node_if: &str,
+    node_cidr: &str,
+) -> Result<()> {
+    bridge_ns.ip(&[
+        "link",
+        "add",
+        port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        node_if,
+        "netns",
+        node.name(),
+    ])?;
+    bridge_ns.ip(&["link", "set", port, "master", bridge, "up"])?;
+    node.add_addr(node_if, node_cidr)?;
+    node.link_up(node_if)
+}
+
 /// A server thread started by [`Netns::serve_tcp`] / [`Netns::serve_udp`]; stops on drop.
 pub struct Server {
     stop: Arc<AtomicBool>,

@@ -209,23 +209,15 @@ impl Cluster {
         let mut nodes = Vec::new();
         for i in 1..=n {
             let ns = Netns::new(&format!("n{i}"))?;
-            let port = format!("p{i}");
-            fabric.ip(&[
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns.name(),
-            ])?;
-            fabric.ip(&["link", "set", &port, "master", "br0", "up"])?;
             let ip: Ipv4Addr = format!("198.18.0.{i}").parse()?;
-            ns.add_addr("eth0", &format!("{ip}/24"))?;
-            ns.link_up("eth0")?;
+            ferry_testkit::bridge_port(
+                &fabric,
+                "br0",
+                &format!("p{i}"),
+                &ns,
+                "eth0",
+                &format!("{ip}/24"),
+            )?;
             nodes.push(TestNode {
                 name: format!("node-{i}"),
                 ns,
