@@ -154,21 +154,8 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         // a connection to its ClusterIP succeeds exactly when its rules are live.
         let c = client.clone();
         let last_i = size - 1;
-        rt.run(async move {
-            let api: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
-                Api::namespaced(c, BENCH_NS);
-            let ips: Vec<Ipv4Addr> = (1..=10)
-                .map(|i| topology::probe_ip(i).parse().unwrap())
-                .collect();
-            api.patch(
-                &format!("svc-{last_i}-abcde"),
-                &PatchParams::default(),
-                &Patch::Merge(json!({"endpoints": cluster::endpoints_json(&ips, "bench-node-b")})),
-            )
+        rt.run(async move { point_at_probe(c, last_i).await })
             .await?;
-            Ok(())
-        })
-        .await?;
         let last = size - 1;
         let last_ip = cluster_ips[last].1.clone();
         for (round, mode) in MODES.into_iter().enumerate() {
@@ -444,21 +431,7 @@ async fn change_to_live(
         );
         let c = client.clone();
         let t0 = Instant::now();
-        rt.run(async move {
-            let api: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
-                Api::namespaced(c, BENCH_NS);
-            let ips: Vec<Ipv4Addr> = (1..=10)
-                .map(|i| topology::probe_ip(i).parse().unwrap())
-                .collect();
-            api.patch(
-                &format!("svc-{i}-abcde"),
-                &PatchParams::default(),
-                &Patch::Merge(json!({"endpoints": cluster::endpoints_json(&ips, "bench-node-b")})),
-            )
-            .await?;
-            Ok(())
-        })
-        .await?;
+        rt.run(async move { point_at_probe(c, i).await }).await?;
         let live = traffic_probe_every(
             &topo.node,
             ip,
@@ -475,6 +448,24 @@ async fn change_to_live(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Ok(lat)
+}
+
+/// Replaces the endpoints of service `svc-I` with the probe listener's addresses
+/// on the node: a connection to its ClusterIP then succeeds exactly when the
+/// change is live in the kernel.
+async fn point_at_probe(client: kube::Client, i: usize) -> Result<()> {
+    let api: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        Api::namespaced(client, BENCH_NS);
+    let ips: Vec<Ipv4Addr> = (1..=10)
+        .map(|i| topology::probe_ip(i).parse().unwrap())
+        .collect();
+    api.patch(
+        &format!("svc-{i}-abcde"),
+        &PatchParams::default(),
+        &Patch::Merge(json!({"endpoints": cluster::endpoints_json(&ips, "bench-node-b")})),
+    )
+    .await?;
+    Ok(())
 }
 
 /// One connection attempt from the calling thread: true when the probe listener

@@ -522,7 +522,6 @@ pub struct IptablesDatapath {
     binary: String,
     programmed: BTreeMap<ServicePortName, ServiceRules>,
     needs_full: bool,
-    pub last_restore: String,
 }
 
 impl IptablesDatapath {
@@ -535,18 +534,17 @@ impl IptablesDatapath {
             binary: binary.to_string(),
             programmed: BTreeMap::new(),
             needs_full: true,
-            last_restore: String::new(),
         }
     }
 
-    fn restore(&mut self, input: String) -> anyhow::Result<()> {
-        let res = self.runner.run_stdin(
-            &format!("{}-restore", self.binary),
-            &["-w", "--noflush"],
-            &input,
-        );
-        self.last_restore = input;
-        res.map(|_| ())
+    fn restore(&self, input: &str) -> anyhow::Result<()> {
+        self.runner
+            .run_stdin(
+                &format!("{}-restore", self.binary),
+                &["-w", "--noflush"],
+                input,
+            )
+            .map(|_| ())
     }
 
     /// One `iptables-save` of every table: with iptables-legacy each command
@@ -619,7 +617,7 @@ impl Datapath for IptablesDatapath {
             .collect();
         let mut input = render_restore(model, &rendered, None, true, &stale);
         add_jumps(&mut input, &saved.missing_jumps);
-        if let Err(e) = self.restore(input) {
+        if let Err(e) = self.restore(&input) {
             self.needs_full = true;
             return Err(e);
         }
@@ -634,7 +632,7 @@ impl Datapath for IptablesDatapath {
         }
         // Updated in place: if the restore fails, the next sync is a full one.
         let input = partial_restore(&mut self.programmed, new, diff);
-        if let Err(e) = self.restore(input) {
+        if let Err(e) = self.restore(&input) {
             self.needs_full = true;
             return Err(e);
         }

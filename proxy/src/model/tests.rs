@@ -468,21 +468,28 @@ fn short_hash_is_stable() {
     assert_eq!(short_hash("x").len(), 13);
 }
 
+/// Ports of [`local_lb`].
+const TWO: &[(&str, u16, &str)] = &[("http", 80, "TCP"), ("dns", 53, "UDP")];
+
+/// A LoadBalancer `ns/lb` (TCP 80 and UDP 53) with externalTrafficPolicy Local
+/// and healthCheckNodePort 32000.
+fn local_lb() -> Service {
+    let mut svc = with_load_balancer(
+        with_node_ports(service("ns", "lb", "10.96.0.20", TWO), &[30080, 30053]),
+        &["192.0.2.10"],
+    );
+    let spec = svc.spec.as_mut().unwrap();
+    spec.external_traffic_policy = Some("Local".into());
+    spec.health_check_node_port = Some(32000);
+    svc
+}
+
 /// healthCheckNodePort counts like kube-proxy: distinct ready local `ip:port`s
 /// over all ports; local endpoints that are only serving-terminating count 0
 /// (the load balancer drains the node) although traffic still uses them.
 #[test]
 fn health_check_counts_ready_local_endpoints() {
-    const TWO: &[(&str, u16, &str)] = &[("http", 80, "TCP"), ("dns", 53, "UDP")];
-    let mut svc = with_load_balancer(
-        with_node_ports(service("ns", "lb", "10.96.0.20", TWO), &[30080, 30053]),
-        &["192.0.2.10"],
-    );
-    {
-        let spec = svc.spec.as_mut().unwrap();
-        spec.external_traffic_policy = Some("Local".into());
-        spec.health_check_node_port = Some(32000);
-    }
+    let svc = local_lb();
     let node = node("node-a", &["192.168.50.2"]);
     let one_local = [slice(
         "ns",
@@ -491,7 +498,7 @@ fn health_check_counts_ready_local_endpoints() {
         TWO,
         &[ep("10.244.1.1", "node-a"), ep("10.244.2.1", "node-b")],
     )];
-    let m = build(&[svc.clone()], &one_local, Some(&node), &cfg());
+    let m = build(std::slice::from_ref(&svc), &one_local, Some(&node), &cfg());
     // One pod, two ports: kube-proxy counts ip:port, so 2.
     assert_eq!(m.health_checks[&32000].local_endpoints, 2);
 
@@ -512,17 +519,8 @@ fn health_check_counts_ready_local_endpoints() {
 /// step, and report exactly the ports that changed, with their previous versions.
 #[test]
 fn incremental_updates_match_full_builds() {
-    const TWO: &[(&str, u16, &str)] = &[("http", 80, "TCP"), ("dns", 53, "UDP")];
     let node = node("node-a", &["192.168.50.2"]);
-    let mut lb = with_load_balancer(
-        with_node_ports(service("ns", "lb", "10.96.0.20", TWO), &[30080, 30053]),
-        &["192.0.2.10"],
-    );
-    {
-        let spec = lb.spec.as_mut().unwrap();
-        spec.external_traffic_policy = Some("Local".into());
-        spec.health_check_node_port = Some(32000);
-    }
+    let lb = local_lb();
     let mut bad = service("ns", "bad", "10.96.0.30", HTTP);
     bad.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = 0;
     // Each step: (services, slices) as the caches hold them.
