@@ -171,6 +171,15 @@ fn node_object(name: &str, subnet: Ipv4Net, annotations: BTreeMap<String, String
     }))?)
 }
 
+impl Drop for OverlayNode {
+    /// The fast path's pins live in bpffs, outside the node's namespace.
+    fn drop(&mut self) {
+        if let Ok(cfg) = self.config(Backend::Vxlan) {
+            let _ = std::fs::remove_dir_all(cfg.fastpath_dir());
+        }
+    }
+}
+
 /// Two nodes on an underlay bridge running one backend, one pod on each.
 /// Everything lives in namespaces this process made, removed on drop.
 struct TwoNodeCluster {
@@ -240,7 +249,7 @@ impl TwoNodeCluster {
             let pod = Netns::new(&format!("ovl-pod{}", i + 1))?;
             let pn = PodNetwork::new(PodNetworkConfig {
                 bridge: ferry_overlay::podnet::DEFAULT_BRIDGE.into(),
-                env: *env,
+                env: env.clone(),
                 ipam_dir: n.dir.path().join("ipam/ferry"),
             });
             let netns = PathBuf::from(format!("/var/run/netns/{}", pod.name()));

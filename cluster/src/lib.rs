@@ -419,6 +419,16 @@ pub fn down(dir: &Path) -> Result<()> {
         topology::remove_netns(netns);
         println!("removed namespace {netns}");
     }
+    // The overlays' pod fast paths are pinned in bpffs, outside the state directory.
+    for node in &state.nodes {
+        let subnet_file = state.dir.join("nodes").join(&node.name).join("subnet.env");
+        let pins = ferry_overlay::reconciler::default_fastpath_dir(&subnet_file);
+        if pins.exists() {
+            std::fs::remove_dir_all(&pins)
+                .with_context(|| format!("removing {}", pins.display()))?;
+            println!("removed {}", pins.display());
+        }
+    }
     std::fs::remove_dir_all(&state.dir)
         .with_context(|| format!("removing {}", state.dir.display()))?;
     println!("cluster down: nothing left in {}", dir.display());

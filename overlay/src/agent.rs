@@ -65,6 +65,15 @@ pub struct OverlayArgs {
     /// when the underlay NIC or a NAT on the way mishandles offloaded checksums.
     #[arg(long, action = clap::ArgAction::Set)]
     pub vxlan_tx_checksum_offload: Option<bool>,
+    /// Cross-node pod-to-pod TCP/UDP skips the node's IP stack (eBPF programs
+    /// on the pod veths and on flannel.1 / the underlay). false: every packet
+    /// takes the stack, as with flannel (and an installed fast path is removed).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub fast_path: bool,
+    /// bpffs directory for the fast path's pinned programs and maps (default:
+    /// /sys/fs/bpf/ferry/overlay, or one named after --subnet-file when that is not the default).
+    #[arg(long)]
+    pub fastpath_dir: Option<PathBuf>,
     /// Full reconcile period in seconds (also after every Node change).
     #[arg(long, default_value_t = 10)]
     pub resync_seconds: u64,
@@ -139,6 +148,8 @@ pub async fn run(args: OverlayArgs) -> Result<()> {
     cfg.subnet_file = args.subnet_file.clone();
     cfg.ip_masq = args.ip_masq;
     cfg.mtu = args.mtu;
+    cfg.fast_path = args.fast_path;
+    cfg.fastpath_dir = args.fastpath_dir.clone();
     if let Some(on) = args.vxlan_tx_checksum_offload {
         cfg.vxlan_tx_checksum_offload = on;
     }

@@ -305,6 +305,7 @@ fn pod_network(conf: &NetConf, require_subnet: bool) -> Result<PodNetwork, CniEr
             subnet: "0.0.0.0/30".parse().expect("valid"),
             mtu: 1500,
             ipmasq: false,
+            fastpath: None,
         },
     };
     let env = SubnetEnv {

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use ipnet::Ipv4Net;
 
+use ferry_ebpf::pod_fastpath::{FastPath, PodEndpoint};
+
 use crate::ipam::Ipam;
 use crate::netlink::Netlink;
 use crate::netns::block_on_in;
@@ -65,7 +67,7 @@ pub struct PodNetwork {
 }
 
 /// A stable 32-bit FNV-1a hash, for interface names.
-fn fnv(s: &str) -> u32 {
+pub(crate) fn fnv(s: &str) -> u32 {
     s.bytes().fold(0x811c9dc5u32, |h, b| {
         (h ^ b as u32).wrapping_mul(0x01000193)
     })
@@ -170,7 +172,7 @@ impl PodNetwork {
         let bridge = self.cfg.bridge.clone();
         let gw_net = self.gateway_net();
         let fd = ns_file.as_raw_fd();
-        let (bridge_mac, host_mac) = block_on_in(None, || async {
+        let (bridge_mac, host_mac, host_index) = block_on_in(None, || async {
             let nl = Netlink::new()?;
             let br = nl.ensure_bridge(&bridge, mtu).await?;
             nl.ensure_addr(br.index, gw_net, false).await?;
@@ -184,7 +186,7 @@ impl PodNetwork {
             nl.move_to_netns(peer.index, fd).await?;
             let h = nl.link(&host).await?.context("host veth missing")?;
             nl.attach(h.index, br.index, mtu).await?;
-            Ok((br.mac, h.mac))
+            Ok((br.mac, h.mac, h.index))
         })?;
         let address = Ipv4Net::new(ip, self.cfg.env.subnet.prefix_len())?;
         let gateway = self.cfg.env.gateway();
@@ -209,6 +211,18 @@ impl PodNetwork {
             nl.replace_route(def, gateway, l.index, false).await?;
             Ok(nl.link(&ifn).await?.and_then(|l| l.mac))
         })?;
+        if let (Some(fp), Some(pod_mac), Some(gateway_mac)) = (self.fastpath(), pod_mac, bridge_mac)
+        {
+            let ep = PodEndpoint {
+                host_ifindex: host_index,
+                pod_mac: pod_mac.0,
+                gateway_mac: gateway_mac.0,
+            };
+            // The stack path works without it: say so and go on.
+            if let Err(e) = fp.add_pod(&host, ip, ep) {
+                tracing::warn!("{e}; pod {ip} uses the stack path");
+            }
+        }
         Ok(PodAddress {
             address,
             gateway,
@@ -250,8 +264,19 @@ impl PodNetwork {
             }
             Ok(())
         })?;
+        if let Some(fp) = self.fastpath() {
+            if let Some(ip) = self.ipam.lookup(container_id, ifname)? {
+                fp.remove_pod(ip)?;
+            }
+        }
         self.ipam.release(container_id, ifname)?;
         Ok(())
+    }
+
+    /// The node's pod fast path, when its overlay installed one.
+    fn fastpath(&self) -> Option<FastPath> {
+        let fp = FastPath::new(self.cfg.env.fastpath.as_ref()?);
+        fp.is_installed().then_some(fp)
     }
 
     /// Verifies that the pod is connected as ADD left it.

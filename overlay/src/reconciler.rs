@@ -6,12 +6,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
 use rtnetlink::packet_route::AddressFamily;
+
+use ferry_ebpf::pod_fastpath::{FastPath, FastPathConfig};
 
 use crate::desired::{self, Desired, FdbSpec, NeighSpec, RouteSpec};
 use crate::netlink::{Link, Netlink, FERRY_RT_PROTO};
@@ -48,6 +50,11 @@ pub struct OverlayConfig {
     /// kernel bug fixed in Linux 5.7. Default: on from 5.7 (see
     /// [`vxlan_nat_checksum_fixed`]), off before.
     pub vxlan_tx_checksum_offload: bool,
+    /// Cross-node pod-to-pod TCP/UDP skips the node's IP stack (eBPF, see
+    /// [`ferry_ebpf::pod_fastpath`]); off: every packet takes the stack, as flannel's.
+    pub fast_path: bool,
+    /// The fast path's bpffs directory; default [`default_fastpath_dir`].
+    pub fastpath_dir: Option<PathBuf>,
 }
 
 impl OverlayConfig {
@@ -71,8 +78,29 @@ impl OverlayConfig {
             vxlan_tx_checksum_offload: vxlan_nat_checksum_fixed(
                 &std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default(),
             ),
+            fast_path: true,
+            fastpath_dir: None,
         }
     }
+
+    pub fn fastpath_dir(&self) -> PathBuf {
+        self.fastpath_dir
+            .clone()
+            .unwrap_or_else(|| default_fastpath_dir(&self.subnet_file))
+    }
+}
+
+/// One bpffs directory per node: `/sys/fs/bpf/ferry/overlay` for the default
+/// subnet file, else one named after the subnet file, so that several nodes on
+/// one machine (`ferry cluster`, tests: network namespaces share the mount
+/// namespace) never share pinned maps.
+pub fn default_fastpath_dir(subnet_file: &Path) -> PathBuf {
+    let base = Path::new(ferry_ebpf::bpffs::MOUNT_POINT).join("ferry");
+    if subnet_file == Path::new(crate::subnet::DEFAULT_SUBNET_FILE) {
+        return base.join("overlay");
+    }
+    let h = crate::podnet::fnv(&subnet_file.to_string_lossy());
+    base.join(format!("overlay-{h:08x}"))
 }
 
 /// Whether a kernel release (`uname -r`) has the fix for the VXLAN checksum bug
@@ -119,6 +147,8 @@ pub struct Reconciler {
     underlay: Underlay,
     vtep: Option<Link>,
     mtu: u32,
+    /// The pod fast path, when installed.
+    fastpath: Option<FastPath>,
 }
 
 impl Reconciler {
@@ -152,14 +182,16 @@ impl Reconciler {
             underlay,
             vtep: None,
             mtu,
+            fastpath: None,
         };
         r.ensure_device().await?;
-        let env = r.subnet_env();
-        env.write(&r.cfg.subnet_file)?;
         if r.cfg.ip_masq {
             crate::masq::apply(r.cfg.cluster_cidr, r.cfg.subnet)
                 .context("installing masquerade")?;
         }
+        r.ensure_fastpath().await;
+        // Last: `ferry cni` reads the fast path's directory from it.
+        r.subnet_env().write(&r.cfg.subnet_file)?;
         tracing::info!(
             node = %r.cfg.node_name,
             backend = r.cfg.backend.as_str(),
@@ -212,6 +244,52 @@ impl Reconciler {
         Ok(())
     }
 
+    /// Installs the pod fast path on the backend's device, dropping entries of
+    /// pods whose veth is gone; or, when it is off, removes an earlier one. A
+    /// failure leaves every pod on the stack path, which always works.
+    async fn ensure_fastpath(&mut self) {
+        let fp = FastPath::new(self.cfg.fastpath_dir());
+        let device = match &self.vtep {
+            Some(l) => l.name.clone(),
+            None => self.underlay.name.clone(),
+        };
+        let pods = fp.pods().unwrap_or_default();
+        let mut veths = BTreeMap::new();
+        for (ip, ep) in &pods {
+            veths.insert(*ip, self.pod_bridge_port(ep.host_ifindex).await);
+        }
+        if !self.cfg.fast_path {
+            if fp.is_installed() {
+                let names: Vec<String> = veths.into_values().flatten().collect();
+                match fp.uninstall(Some(&device), &names) {
+                    Ok(()) => tracing::info!(dir = %fp.dir().display(), "pod fast path removed"),
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+            return;
+        }
+        let cfg = FastPathConfig::new(self.cfg.cluster_cidr, self.cfg.subnet);
+        if let Err(e) = fp.install(cfg, &device) {
+            tracing::warn!("{e}; pods use the stack path only");
+            return;
+        }
+        for (ip, _) in veths.iter().filter(|(_, v)| v.is_none()) {
+            tracing::info!(pod = %ip, "pod fast path: dropping a pod whose veth is gone");
+            if let Err(e) = fp.remove_pod(*ip) {
+                tracing::warn!("{e}");
+            }
+        }
+        tracing::info!(dir = %fp.dir().display(), %device, "pod fast path installed");
+        self.fastpath = Some(fp);
+    }
+
+    /// The name of the link `ifindex` when it is a port of the pod bridge.
+    async fn pod_bridge_port(&self, ifindex: u32) -> Option<String> {
+        let bridge = self.nl.link(crate::podnet::DEFAULT_BRIDGE).await.ok()??;
+        let l = self.nl.link_by_index(ifindex).await.ok()??;
+        (l.controller == Some(bridge.index)).then_some(l.name)
+    }
+
     pub fn config(&self) -> &OverlayConfig {
         &self.cfg
     }
@@ -234,6 +312,7 @@ impl Reconciler {
             subnet: self.cfg.subnet,
             mtu: self.mtu,
             ipmasq: self.cfg.ip_masq,
+            fastpath: self.fastpath.as_ref().map(|f| f.dir().to_path_buf()),
         }
     }
 

@@ -1,7 +1,9 @@
-//! flannel's `subnet.env`: FLANNEL_NETWORK, FLANNEL_SUBNET, FLANNEL_MTU, FLANNEL_IPMASQ.
+//! flannel's `subnet.env`: FLANNEL_NETWORK, FLANNEL_SUBNET, FLANNEL_MTU,
+//! FLANNEL_IPMASQ, and ferry's FERRY_FASTPATH_DIR (where the pod fast path is
+//! pinned, when the overlay installed it; flannel's readers ignore the key).
 
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use ipnet::Ipv4Net;
@@ -9,7 +11,7 @@ use ipnet::Ipv4Net;
 /// Default location, read by `ferry cni` unless its config says otherwise.
 pub const DEFAULT_SUBNET_FILE: &str = "/run/ferry/subnet.env";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubnetEnv {
     /// The cluster CIDR.
     pub network: Ipv4Net,
@@ -19,6 +21,8 @@ pub struct SubnetEnv {
     pub mtu: u32,
     /// Whether the overlay masquerades pod traffic leaving the cluster CIDR.
     pub ipmasq: bool,
+    /// The pod fast path's bpffs directory ([`ferry_ebpf::pod_fastpath`]).
+    pub fastpath: Option<PathBuf>,
 }
 
 impl SubnetEnv {
@@ -29,14 +33,18 @@ impl SubnetEnv {
 
     /// The file's text. FLANNEL_SUBNET is written as flannel does: gateway/prefix.
     pub fn render(&self) -> String {
-        format!(
+        let mut s = format!(
             "FLANNEL_NETWORK={}\nFLANNEL_SUBNET={}/{}\nFLANNEL_MTU={}\nFLANNEL_IPMASQ={}\n",
             self.network,
             self.gateway(),
             self.subnet.prefix_len(),
             self.mtu,
             self.ipmasq
-        )
+        );
+        if let Some(dir) = &self.fastpath {
+            s.push_str(&format!("FERRY_FASTPATH_DIR={}\n", dir.display()));
+        }
+        s
     }
 
     /// Parses the file's text; each missing or malformed key is named.
@@ -45,6 +53,7 @@ impl SubnetEnv {
         let mut subnet = None;
         let mut mtu = None;
         let mut ipmasq = false;
+        let mut fastpath = None;
         for line in text.lines() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -82,6 +91,12 @@ impl SubnetEnv {
                         .parse()
                         .map_err(|_| format!("FLANNEL_IPMASQ {v:?} is not true/false"))?
                 }
+                "FERRY_FASTPATH_DIR" => {
+                    if !v.starts_with('/') {
+                        return Err(format!("FERRY_FASTPATH_DIR {v:?} is not an absolute path"));
+                    }
+                    fastpath = Some(PathBuf::from(v))
+                }
                 _ => {}
             }
         }
@@ -95,6 +110,7 @@ impl SubnetEnv {
             subnet,
             mtu: mtu.ok_or("FLANNEL_MTU missing")?,
             ipmasq,
+            fastpath,
         })
     }
 
@@ -127,6 +143,7 @@ mod tests {
             subnet: "10.244.3.0/24".parse().unwrap(),
             mtu: 1450,
             ipmasq: true,
+            fastpath: None,
         }
     }
 
@@ -152,6 +169,19 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("FLANNEL_MTU"), "{e}");
+    }
+
+    #[test]
+    fn fastpath_dir_roundtrips_and_must_be_absolute() {
+        let mut e = env();
+        e.fastpath = Some("/sys/fs/bpf/ferry/overlay".into());
+        let text = e.render();
+        assert!(text.ends_with("FERRY_FASTPATH_DIR=/sys/fs/bpf/ferry/overlay\n"));
+        assert_eq!(SubnetEnv::parse(&text).unwrap(), e);
+        let bad = text.replace("=/sys", "=sys");
+        assert!(SubnetEnv::parse(&bad)
+            .unwrap_err()
+            .contains("FERRY_FASTPATH_DIR"));
     }
 
     #[test]

@@ -101,6 +101,7 @@ fn cni_add_check_del_as_a_runtime_calls_them() {
         subnet: "10.244.5.0/29".parse().unwrap(),
         mtu: 1450,
         ipmasq: true,
+        fastpath: None,
     }
     .write(&subnet_file)
     .unwrap();

@@ -52,8 +52,9 @@ fn vxlan_device_annotations_and_pod_traffic() {
         assert_eq!(
             env,
             format!(
-                "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.{}.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n",
-                i + 1
+                "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.{}.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\nFERRY_FASTPATH_DIR={}\n",
+                i + 1,
+                n.config().fastpath_dir().display()
             )
         );
         // Per remote node: permanent neighbour, FDB entry, onlink route.

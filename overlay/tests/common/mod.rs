@@ -156,7 +156,7 @@ impl TestNode {
     pub fn pod_network(&self) -> PodNetwork {
         PodNetwork::new(PodNetworkConfig {
             bridge: "cni0".into(),
-            env: self.agent().env,
+            env: self.agent().env.clone(),
             ipam_dir: self.dir.path().join("ipam/ferry"),
         })
     }
@@ -174,6 +174,14 @@ impl TestNode {
             ip: addr.address.addr(),
             id,
         })
+    }
+}
+
+impl Drop for TestNode {
+    /// The fast path's pins live in bpffs, outside the node's namespace.
+    fn drop(&mut self) {
+        self.agent = None;
+        let _ = std::fs::remove_dir_all(self.config().fastpath_dir());
     }
 }
 

@@ -1,0 +1,284 @@
+//! Loader of the pod fast path (`bpf/pod_fastpath.c`, whose header explains
+//! what takes the fast path and what does not).
+//!
+//! Everything lives pinned in one bpffs directory per node, so that it outlives
+//! the processes that set it up and a restart picks it up again:
+//!
+//! ```text
+//! DIR/from_pod          the program `ferry cni` attaches to each pod's host veth
+//! DIR/fastpath_config   cluster CIDR and node subnet
+//! DIR/pods              pod address → host veth, pod MAC, gateway MAC
+//! DIR/nat_guard         pod sockets whose flows the stack may NAT
+//! ```
+//!
+//! `to_pod` is attached to the node's tunnel or underlay device and holds the
+//! maps itself; tc filters keep both programs alive without any process.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, Map, MapData};
+use aya::programs::tc::{self, NlOptions, SchedClassifier, TcAttachOptions, TcAttachType};
+use aya::{EbpfLoader, Pod};
+use ipnet::Ipv4Net;
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pod_fastpath.o"));
+
+const MAPS: [&str; 3] = ["fastpath_config", "pods", "nat_guard"];
+const FROM_POD: &str = "from_pod";
+const TO_POD: &str = "to_pod";
+
+#[derive(Debug, thiserror::Error)]
+#[error("pod fast path: {what}: {source}")]
+pub struct Error {
+    what: String,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+trait Context<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: std::error::Error + Send + Sync + 'static> Context<T> for std::result::Result<T, E> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error {
+            what: what(),
+            source: Box::new(e),
+        })
+    }
+}
+
+/// `struct fastpath_config`: addresses and masks in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FastPathConfig {
+    cluster_net: [u8; 4],
+    cluster_mask: [u8; 4],
+    node_net: [u8; 4],
+    node_mask: [u8; 4],
+}
+
+// SAFETY: plain old data, no padding.
+unsafe impl Pod for FastPathConfig {}
+
+impl FastPathConfig {
+    pub fn new(cluster: Ipv4Net, node_subnet: Ipv4Net) -> FastPathConfig {
+        FastPathConfig {
+            cluster_net: cluster.network().octets(),
+            cluster_mask: cluster.netmask().octets(),
+            node_net: node_subnet.network().octets(),
+            node_mask: node_subnet.netmask().octets(),
+        }
+    }
+}
+
+/// `struct pod_endpoint`: where to_pod delivers a pod's packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodEndpoint {
+    pub host_ifindex: u32,
+    pub pod_mac: [u8; 6],
+    pub gateway_mac: [u8; 6],
+}
+
+// SAFETY: plain old data, no padding (4 + 6 + 6 bytes).
+unsafe impl Pod for PodEndpoint {}
+
+/// The map key of a pod address: its octets in network order.
+fn pod_key(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+fn pod_addr(key: u32) -> Ipv4Addr {
+    Ipv4Addr::from(key.to_ne_bytes())
+}
+
+/// One node's fast path, pinned under `dir`.
+#[derive(Clone, Debug)]
+pub struct FastPath {
+    dir: PathBuf,
+}
+
+impl FastPath {
+    pub fn new(dir: impl Into<PathBuf>) -> FastPath {
+        FastPath { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn pin(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Whether a node's overlay installed it (the program `ferry cni` attaches is pinned).
+    pub fn is_installed(&self) -> bool {
+        self.pin(FROM_POD).exists()
+    }
+
+    /// Loads both programs (reusing the maps an earlier run pinned, so the
+    /// pods already wired keep working), writes the config, pins `from_pod`
+    /// for `ferry cni` and attaches `to_pod` to `device`'s ingress in the
+    /// calling thread's network namespace, replacing an earlier `to_pod`.
+    pub fn install(&self, cfg: FastPathConfig, device: &str) -> Result<()> {
+        crate::bpffs::ensure_dir(&self.dir).context(|| format!("{}", self.dir.display()))?;
+        let pins: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, self.pin(m))).collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut bpf = loader
+            .load(OBJECT)
+            .context(|| "loading bpf/pod_fastpath.c".into())?;
+        let mut config: Array<_, FastPathConfig> = Array::try_from(
+            bpf.map_mut("fastpath_config")
+                .expect("the object defines it"),
+        )
+        .context(|| "fastpath_config".into())?;
+        config
+            .set(0, cfg, 0)
+            .context(|| "writing fastpath_config".into())?;
+        for name in [FROM_POD, TO_POD] {
+            let prog: &mut SchedClassifier = bpf
+                .program_mut(name)
+                .expect("the object defines it")
+                .try_into()
+                .context(|| name.to_string())?;
+            prog.load().context(|| format!("verifying {name}"))?;
+        }
+        let from_pod: &mut SchedClassifier = bpf
+            .program_mut(FROM_POD)
+            .expect("loaded above")
+            .try_into()
+            .context(|| FROM_POD.into())?;
+        let pin = self.pin(FROM_POD);
+        let _ = std::fs::remove_file(&pin);
+        from_pod
+            .pin(&pin)
+            .context(|| format!("pinning {}", pin.display()))?;
+        let to_pod: &mut SchedClassifier = bpf
+            .program_mut(TO_POD)
+            .expect("loaded above")
+            .try_into()
+            .context(|| TO_POD.into())?;
+        attach(to_pod, device, TO_POD)
+    }
+
+    /// Wires one pod: its host veth's ingress runs `from_pod`, and `to_pod`
+    /// delivers packets for `pod_ip` straight into its namespace.
+    pub fn add_pod(&self, host_veth: &str, pod_ip: Ipv4Addr, ep: PodEndpoint) -> Result<()> {
+        let mut pods = self.pods_map()?;
+        pods.insert(pod_key(pod_ip), ep, 0)
+            .context(|| format!("adding {pod_ip} to the pods map"))?;
+        let pin = self.pin(FROM_POD);
+        let mut prog =
+            SchedClassifier::from_pin(&pin).context(|| format!("opening {}", pin.display()))?;
+        attach(&mut prog, host_veth, FROM_POD)
+    }
+
+    /// Forgets a pod (its veth, and with it the attached program, is deleted
+    /// by the caller). Succeeds when the pod was not there.
+    pub fn remove_pod(&self, pod_ip: Ipv4Addr) -> Result<()> {
+        let mut pods = self.pods_map()?;
+        match pods.remove(&pod_key(pod_ip)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context(|| format!("removing {pod_ip} from the pods map")),
+        }
+    }
+
+    /// The pods map's entries.
+    pub fn pods(&self) -> Result<Vec<(Ipv4Addr, PodEndpoint)>> {
+        let pods = self.pods_map()?;
+        pods.iter()
+            .map(|kv| kv.map(|(k, v)| (pod_addr(k), v)))
+            .collect::<std::result::Result<_, _>>()
+            .context(|| "reading the pods map".into())
+    }
+
+    /// Detaches `to_pod` from `device` and `from_pod` from the host veths
+    /// named, then removes the pins: every pod goes back to the stack.
+    pub fn uninstall(&self, device: Option<&str>, host_veths: &[String]) -> Result<()> {
+        for (dev, name) in device
+            .map(|d| (d, TO_POD))
+            .into_iter()
+            .chain(host_veths.iter().map(|v| (v.as_str(), FROM_POD)))
+        {
+            match tc::qdisc_detach_program(dev, TcAttachType::Ingress, name) {
+                Ok(()) => {}
+                Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).context(|| format!("detaching {name} from {dev}")),
+            }
+        }
+        match std::fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).context(|| format!("removing {}", self.dir.display()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn pods_map(&self) -> Result<HashMap<MapData, u32, PodEndpoint>> {
+        let pin = self.pin("pods");
+        let data = MapData::from_pin(&pin).context(|| format!("opening {}", pin.display()))?;
+        HashMap::try_from(Map::HashMap(data)).context(|| "the pods map".into())
+    }
+}
+
+/// Attaches `prog` to `dev`'s ingress as a tc filter, replacing filters of the
+/// same program name. Filters stay when this process exits.
+fn attach(prog: &mut SchedClassifier, dev: &str, name: &str) -> Result<()> {
+    if let Err(e) = tc::qdisc_add_clsact(dev) {
+        let exists =
+            matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
+        if !exists {
+            return Err(e).context(|| format!("adding the clsact qdisc to {dev}"));
+        }
+    }
+    let old = tc::qdisc_detach_program(dev, TcAttachType::Ingress, name);
+    if let Err(e) = old {
+        if !matches!(&e, tc::TcError::IoError(io) if io.kind() == std::io::ErrorKind::NotFound) {
+            return Err(e).context(|| format!("detaching the old {name} from {dev}"));
+        }
+    }
+    let id = prog
+        .attach_with_options(
+            dev,
+            TcAttachType::Ingress,
+            TcAttachOptions::Netlink(NlOptions::default()),
+        )
+        .context(|| format!("attaching {name} to {dev}"))?;
+    let link = prog.take_link(id).context(|| format!("{name} on {dev}"))?;
+    // A netlink tc filter holds the program; dropping the link would detach it.
+    std::mem::forget(link);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_in_network_order() {
+        let c = FastPathConfig::new(
+            "10.244.0.0/16".parse().unwrap(),
+            "10.244.3.0/24".parse().unwrap(),
+        );
+        assert_eq!(c.cluster_net, [10, 244, 0, 0]);
+        assert_eq!(c.cluster_mask, [255, 255, 0, 0]);
+        assert_eq!(c.node_net, [10, 244, 3, 0]);
+        assert_eq!(c.node_mask, [255, 255, 255, 0]);
+        assert_eq!(std::mem::size_of::<FastPathConfig>(), 16);
+    }
+
+    #[test]
+    fn pod_keys_are_the_address_bytes_as_in_the_packet() {
+        let ip = Ipv4Addr::new(10, 244, 1, 2);
+        assert_eq!(pod_key(ip).to_ne_bytes(), [10, 244, 1, 2]);
+        assert_eq!(pod_addr(pod_key(ip)), ip);
+        assert_eq!(std::mem::size_of::<PodEndpoint>(), 16);
+    }
+}
