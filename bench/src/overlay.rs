@@ -132,7 +132,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         ));
     }
     rep.note(format!(
-        "Topology: two node namespaces on one underlay bridge (veths, MTU 1500), one pod on each; a fresh cluster per backend, set up by ferry-overlay's Reconciler and PodNetwork with `ferry overlay`'s defaults (VXLAN: flannel.1, VNI 1, UDP 8472; masquerade on). `underlay` is node-1 → node-2 over the same veths and bridge, with the same tools, in each backend's cluster; pod-to-pod is pod-1 → pod-2 (pod veth, cni0, the backend, the underlay, cni0, pod veth). Runs alternate underlay / pod-to-pod, and each backend's ratios are to the underlay of its own cluster. {}. Throughput: iperf3 -J, one TCP stream, {} runs of {} s. Latency: {MSG}-byte request/response on one persistent TCP connection, {:.1} s per run. Connections: {} concurrent clients, one {MSG}-byte request each, {:.1} s per run. UDP: {} sockets, one {MSG}-byte datagram in flight each, {:.1} s per run. Client, server and the kernel's forwarding share 2 cores.",
+        "Topology: two node namespaces on one underlay bridge (veths, MTU 1500), one pod on each; a fresh cluster per backend, set up by ferry-overlay's Reconciler and PodNetwork with `ferry overlay`'s defaults (VXLAN: flannel.1, VNI 1, UDP 8472; masquerade on). `underlay` is node-1 → node-2 over the same veths and bridge, with the same tools, in each backend's cluster; pod-to-pod is pod-1 → pod-2 (pod veth, the backend, the underlay, pod veth; with the default pod fast path, cni0 and the nodes' forwarding are skipped). Runs alternate underlay / pod-to-pod, and each backend's ratios are to the underlay of its own cluster. {}. Throughput: iperf3 -J, one TCP stream, {} runs of {} s. Latency: {MSG}-byte request/response on one persistent TCP connection, {:.1} s per run. Connections: {} concurrent clients, one {MSG}-byte request each, {:.1} s per run. UDP: {} sockets, one {MSG}-byte datagram in flight each, {:.1} s per run. Client, server and the kernel's forwarding share 2 cores.",
         setup.join("; "),
         z.tput_runs, z.tput_secs, z.secs, z.conc, z.secs, z.conc, z.secs, MSG = crate::loadgen::MSG
     ));
@@ -187,6 +187,8 @@ struct TwoNodeCluster {
     pods: Vec<Netns>,
     pod_ips: Vec<Ipv4Addr>,
     pod_mtu: u32,
+    /// Whether the overlay installed its pod fast path.
+    fast_path: bool,
     nodes: Vec<OverlayNode>,
     _fabric: Netns,
 }
@@ -262,6 +264,7 @@ impl TwoNodeCluster {
             pods,
             pod_ips,
             pod_mtu: envs[0].mtu,
+            fast_path: envs.iter().all(|e| e.fastpath.is_some()),
             nodes,
             _fabric: fabric,
         })
@@ -269,7 +272,12 @@ impl TwoNodeCluster {
 
     /// The settings that decide the backend's speed, for the report's notes.
     fn describe(&self, backend: Backend) -> Result<String> {
-        let mut s = format!("{}: pod MTU {}", backend.as_str(), self.pod_mtu);
+        let mut s = format!(
+            "{}: pod MTU {}, pod fast path {}",
+            backend.as_str(),
+            self.pod_mtu,
+            if self.fast_path { "on" } else { "off" }
+        );
         if backend == Backend::Vxlan {
             let dev = self.nodes[0].config(backend)?.vxlan_device;
             let dev2 = dev.clone();
