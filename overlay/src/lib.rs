@@ -5,7 +5,7 @@ mod agent;
 pub mod cni;
 pub mod desired;
 pub mod ipam;
-pub mod masq;
+pub mod netfilter;
 pub mod netlink;
 pub mod netns;
 pub mod node;

@@ -185,10 +185,12 @@ impl Reconciler {
             fastpath: None,
         };
         r.ensure_device().await?;
-        if r.cfg.ip_masq {
-            crate::masq::apply(r.cfg.cluster_cidr, r.cfg.subnet)
-                .context("installing masquerade")?;
-        }
+        let rules = crate::netfilter::Rules {
+            masquerade: r.cfg.ip_masq.then_some((r.cfg.cluster_cidr, r.cfg.subnet)),
+            vxlan_notrack: (r.cfg.backend == Backend::Vxlan)
+                .then_some((r.underlay.addr.addr(), r.cfg.vxlan_port)),
+        };
+        crate::netfilter::apply(rules).context("installing the overlay's nftables table")?;
         r.ensure_fastpath().await;
         // Last: `ferry cni` reads the fast path's directory from it.
         r.subnet_env().write(&r.cfg.subnet_file)?;

@@ -6,27 +6,15 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::time::Duration;
 
 use common::*;
 use ferry_ebpf::pod_fastpath::FastPath;
 use ferry_overlay::node::Backend;
 use ferry_overlay::podnet::host_veth_name;
-use ferry_testkit::{require_root, tcp_request, udp_request, Netns};
+use ferry_testkit::{require_root, Netns};
 
-const T: Duration = Duration::from_secs(3);
 /// A ClusterIP as ferry proxy / kube-proxy would DNAT it on node-1.
 const SERVICE_IP: &str = "10.96.0.10";
-
-fn tcp(from: &Netns, addr: String) -> String {
-    from.run(move || Ok(tcp_request(&addr, T)?))
-        .unwrap_or_else(|e| format!("ERR {e:#}"))
-}
-
-fn udp(from: &Netns, addr: String) -> String {
-    from.run(move || Ok(udp_request(&addr, T)?))
-        .unwrap_or_else(|e| format!("ERR {e:#}"))
-}
 
 fn counter(ns: &Netns, dev: &str, what: &str) -> u64 {
     ns.exec(&["cat", &format!("/sys/class/net/{dev}/statistics/{what}")])
@@ -94,14 +82,7 @@ fn fast_path_carries_pod_traffic_and_keeps_nat_working(backend: Backend) {
     assert!(fp.pods().unwrap().iter().any(|(ip, _)| *ip == p1.ip));
 
     // pod <-> pod across nodes, source kept, both protocols.
-    assert_eq!(
-        tcp(&p1.ns, format!("{}:8080", p2.ip)),
-        format!("p2 {}", p1.ip)
-    );
-    assert_eq!(
-        udp(&p1.ns, format!("{}:8081", p2.ip)),
-        format!("p2 {}", p1.ip)
-    );
+    assert_pod_to_pod(&p1, &p2, "p2");
     // A 4 MiB transfer crosses neither node's cni0 bridge (the stack path would
     // put ~100 GSO packets or thousands of segments through it).
     let before = [

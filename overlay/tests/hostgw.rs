@@ -3,23 +3,9 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use ferry_overlay::node::{Backend, ANN_BACKEND_DATA, ANN_BACKEND_TYPE};
-use ferry_testkit::{require_root, tcp_request, udp_request};
-
-const T: Duration = Duration::from_secs(3);
-
-fn tcp(from: &ferry_testkit::Netns, addr: String) -> String {
-    from.run(move || Ok(tcp_request(&addr, T)?))
-        .unwrap_or_else(|e| format!("ERR {e:#}"))
-}
-
-fn udp(from: &ferry_testkit::Netns, addr: String) -> String {
-    from.run(move || Ok(udp_request(&addr, T)?))
-        .unwrap_or_else(|e| format!("ERR {e:#}"))
-}
+use ferry_testkit::require_root;
 
 #[test]
 fn host_gw_pod_traffic_without_vxlan_device() {
@@ -52,14 +38,7 @@ fn host_gw_pod_traffic_without_vxlan_device() {
     let _u2 = p2.ns.serve_udp("0.0.0.0:8081", "p2").unwrap();
     let _s1 = p1.ns.serve_tcp("0.0.0.0:8080", "p1").unwrap();
     let _u3 = p3.ns.serve_udp("0.0.0.0:8081", "p3").unwrap();
-    assert_eq!(
-        tcp(&p1.ns, format!("{}:8080", p2.ip)),
-        format!("p2 {}", p1.ip)
-    );
-    assert_eq!(
-        udp(&p1.ns, format!("{}:8081", p2.ip)),
-        format!("p2 {}", p1.ip)
-    );
+    assert_pod_to_pod(&p1, &p2, "p2");
     assert_eq!(
         tcp(&p3.ns, format!("{}:8080", p1.ip)),
         format!("p1 {}", p3.ip)

@@ -24,6 +24,33 @@ use kube::api::ObjectMeta;
 pub const CLUSTER: &str = "10.244.0.0/16";
 pub const FABRIC_IP: &str = "198.18.0.254";
 
+/// Timeout of each request the helpers below make.
+pub const T: Duration = Duration::from_secs(3);
+
+/// One TCP request from `from`: the answer, or the error as "ERR ...".
+pub fn tcp(from: &Netns, addr: String) -> String {
+    from.run(move || Ok(ferry_testkit::tcp_request(&addr, T)?))
+        .unwrap_or_else(|e| format!("ERR {e:#}"))
+}
+
+/// One UDP request from `from`: the answer, or the error as "ERR ...".
+pub fn udp(from: &Netns, addr: String) -> String {
+    from.run(move || Ok(ferry_testkit::udp_request(&addr, T)?))
+        .unwrap_or_else(|e| format!("ERR {e:#}"))
+}
+
+/// `to` serves TCP :8080 and UDP :8081 as `name`: both answer `from` and see its address.
+pub fn assert_pod_to_pod(from: &Pod, to: &Pod, name: &str) {
+    assert_eq!(
+        tcp(&from.ns, format!("{}:8080", to.ip)),
+        format!("{name} {}", from.ip)
+    );
+    assert_eq!(
+        udp(&from.ns, format!("{}:8081", to.ip)),
+        format!("{name} {}", from.ip)
+    );
+}
+
 pub fn netns_path(ns: &Netns) -> PathBuf {
     PathBuf::from(format!("/var/run/netns/{}", ns.name()))
 }
