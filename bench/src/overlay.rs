@@ -43,6 +43,44 @@ const POD_IFNAME: &str = "eth0";
 /// The ratio to the underlay each backend's pod-to-pod throughput should reach.
 const TARGETS: [(Backend, f64); 2] = [(Backend::Vxlan, 0.9), (Backend::HostGw, 0.97)];
 
+/// A backend with or without the pod fast path, and its label in the report.
+#[derive(Clone, Copy)]
+struct Variant {
+    backend: Backend,
+    fast_path: bool,
+}
+
+/// The default (fast path on) first; then flannel's path for comparison.
+const VARIANTS: [Variant; 4] = [
+    Variant {
+        backend: Backend::Vxlan,
+        fast_path: true,
+    },
+    Variant {
+        backend: Backend::HostGw,
+        fast_path: true,
+    },
+    Variant {
+        backend: Backend::Vxlan,
+        fast_path: false,
+    },
+    Variant {
+        backend: Backend::HostGw,
+        fast_path: false,
+    },
+];
+
+impl Variant {
+    fn mode(self) -> &'static str {
+        match (self.backend, self.fast_path) {
+            (Backend::Vxlan, true) => "vxlan",
+            (Backend::HostGw, true) => "host-gw",
+            (Backend::Vxlan, false) => "vxlan, stack path",
+            (Backend::HostGw, false) => "host-gw, stack path",
+        }
+    }
+}
+
 pub async fn run(ctx: &Ctx) -> Result<Report> {
     // Throughput, the figure with targets, gets the most runs: others' load on
     // the 2 cores moves single runs by ±30 %.
@@ -72,16 +110,16 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     let mut sm = Samples::default();
     let mut notes = Vec::new();
     let mut setup = Vec::new();
-    for (backend, _) in TARGETS {
-        let c = TwoNodeCluster::new(backend).await?;
+    for v in VARIANTS {
+        let c = TwoNodeCluster::new(v).await?;
         progress(format!(
             "overlay: {} cluster up: pod {} on node-1 → pod {} on node-2, pod MTU {}, underlay MTU 1500",
-            backend.as_str(),
+            v.mode(),
             c.pod_ips[0],
             c.pod_ips[1],
             c.pod_mtu
         ));
-        setup.push(c.describe(backend)?);
+        setup.push(c.describe(v)?);
         let node_client = Client::new(&c.nodes[0].ns)?;
         let pod_client = Client::new(&c.pods[0])?;
         for ns in [&c.nodes[0].ns, &c.pods[0]] {
@@ -91,22 +129,12 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         let _pod_servers = Servers::start(&c.pods[1], c.pod_ips[1].into())?;
         // The underlay gets the backend's mode: each backend is measured against
         // the underlay of its own cluster, run for run, not against other minutes' noise.
-        let underlay = Path::to_servers(
-            "underlay",
-            backend.as_str(),
-            &node_client,
-            node_ip(2).into(),
-        );
-        let pods = Path::to_servers(
-            "pod-to-pod",
-            backend.as_str(),
-            &pod_client,
-            c.pod_ips[1].into(),
-        );
+        let underlay = Path::to_servers("underlay", v.mode(), &node_client, node_ip(2).into());
+        let pods = Path::to_servers("pod-to-pod", v.mode(), &pod_client, c.pod_ips[1].into());
         for p in [&underlay, &pods] {
             datapath::wait_path(p)
                 .await
-                .with_context(|| format!("{} ({}) does not work", p.path, backend.as_str()))?;
+                .with_context(|| format!("{} ({}) does not work", p.path, v.mode()))?;
         }
         datapath::measure(&mut sm, &mut notes, &[&underlay, &pods], &z, "overlay").await?;
     }
@@ -132,7 +160,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         ));
     }
     rep.note(format!(
-        "Topology: two node namespaces on one underlay bridge (veths, MTU 1500), one pod on each; a fresh cluster per backend, set up by ferry-overlay's Reconciler and PodNetwork with `ferry overlay`'s defaults (VXLAN: flannel.1, VNI 1, UDP 8472; masquerade on). `underlay` is node-1 → node-2 over the same veths and bridge, with the same tools, in each backend's cluster; pod-to-pod is pod-1 → pod-2 (pod veth, the backend, the underlay, pod veth; with the default pod fast path, cni0 and the nodes' forwarding are skipped). Runs alternate underlay / pod-to-pod, and each backend's ratios are to the underlay of its own cluster. {}. Throughput: iperf3 -J, one TCP stream, {} runs of {} s. Latency: {MSG}-byte request/response on one persistent TCP connection, {:.1} s per run. Connections: {} concurrent clients, one {MSG}-byte request each, {:.1} s per run. UDP: {} sockets, one {MSG}-byte datagram in flight each, {:.1} s per run. Client, server and the kernel's forwarding share 2 cores.",
+        "Topology: two node namespaces on one underlay bridge (veths, MTU 1500), one pod on each; a fresh cluster per backend and variant, set up by ferry-overlay's Reconciler and PodNetwork with `ferry overlay`'s defaults (VXLAN: flannel.1, VNI 1, UDP 8472, not conntracked; masquerade on; the pod fast path on) — and, labelled `stack path`, with `--fast-path false`, where every packet takes the nodes' stacks as with flannel. `underlay` is node-1 → node-2 over the same veths and bridge, with the same tools, in each backend's cluster; pod-to-pod is pod-1 → pod-2 (pod veth, the backend, the underlay, pod veth; the fast path skips cni0 and the nodes' forwarding, the stack path crosses them). Runs alternate underlay / pod-to-pod, and each variant's ratios are to the underlay of its own cluster. {}. Throughput: iperf3 -J, one TCP stream, {} runs of {} s. Latency: {MSG}-byte request/response on one persistent TCP connection, {:.1} s per run. Connections: {} concurrent clients, one {MSG}-byte request each, {:.1} s per run. UDP: {} sockets, one {MSG}-byte datagram in flight each, {:.1} s per run. Client, server and the kernel's forwarding share 2 cores.",
         setup.join("; "),
         z.tput_runs, z.tput_secs, z.secs, z.conc, z.secs, z.conc, z.secs, MSG = crate::loadgen::MSG
     ));
@@ -154,9 +182,10 @@ struct OverlayNode {
 }
 
 impl OverlayNode {
-    fn config(&self, backend: Backend) -> Result<OverlayConfig> {
+    fn config(&self, v: Variant) -> Result<OverlayConfig> {
         let mut cfg = OverlayConfig::new(&self.name, CLUSTER_CIDR.parse()?, self.subnet);
-        cfg.backend = backend;
+        cfg.backend = v.backend;
+        cfg.fast_path = v.fast_path;
         cfg.iface = Some("eth0".into());
         cfg.subnet_file = self.dir.path().join("subnet.env");
         Ok(cfg)
@@ -174,7 +203,7 @@ fn node_object(name: &str, subnet: Ipv4Net, annotations: BTreeMap<String, String
 impl Drop for OverlayNode {
     /// The fast path's pins live in bpffs, outside the node's namespace.
     fn drop(&mut self) {
-        if let Ok(cfg) = self.config(Backend::Vxlan) {
+        if let Ok(cfg) = self.config(VARIANTS[0]) {
             let _ = std::fs::remove_dir_all(cfg.fastpath_dir());
         }
     }
@@ -194,7 +223,7 @@ struct TwoNodeCluster {
 }
 
 impl TwoNodeCluster {
-    async fn new(backend: Backend) -> Result<TwoNodeCluster> {
+    async fn new(v: Variant) -> Result<TwoNodeCluster> {
         let fabric = Netns::new("ovl-fab")?;
         fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
         fabric.link_up("br0")?;
@@ -224,7 +253,7 @@ impl TwoNodeCluster {
         let mut reconcilers = Vec::new();
         let mut objects = Vec::new();
         for n in &nodes {
-            let cfg = n.config(backend)?;
+            let cfg = n.config(v)?;
             let rec = n.rt.run(async move { Reconciler::new(cfg).await }).await?;
             objects.push(node_object(&n.name, n.subnet, rec.annotations())?);
             reconcilers.push(rec);
@@ -271,15 +300,15 @@ impl TwoNodeCluster {
     }
 
     /// The settings that decide the backend's speed, for the report's notes.
-    fn describe(&self, backend: Backend) -> Result<String> {
+    fn describe(&self, v: Variant) -> Result<String> {
         let mut s = format!(
             "{}: pod MTU {}, pod fast path {}",
-            backend.as_str(),
+            v.mode(),
             self.pod_mtu,
             if self.fast_path { "on" } else { "off" }
         );
-        if backend == Backend::Vxlan {
-            let dev = self.nodes[0].config(backend)?.vxlan_device;
+        if v.backend == Backend::Vxlan {
+            let dev = self.nodes[0].config(v)?.vxlan_device;
             let dev2 = dev.clone();
             let csum = self.nodes[0]
                 .ns
