@@ -95,7 +95,7 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
     } else {
         Sizes {
             runs: 3,
-            tput_runs: 9,
+            tput_runs: 15,
             tput_secs: 1,
             secs: 0.6,
             conc: 8,
