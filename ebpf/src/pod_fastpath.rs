@@ -122,9 +122,10 @@ impl FastPath {
 
     /// Loads both programs (reusing the maps an earlier run pinned, so the
     /// pods already wired keep working), writes the config, pins `from_pod`
-    /// for `ferry cni` and attaches `to_pod` to `device`'s ingress in the
-    /// calling thread's network namespace, replacing an earlier `to_pod`.
-    pub fn install(&self, cfg: FastPathConfig, device: &str) -> Result<()> {
+    /// for `ferry cni` and attaches `to_pod` to the ingress of each of
+    /// `devices` in the calling thread's network namespace, replacing an
+    /// earlier `to_pod`.
+    pub fn install(&self, cfg: FastPathConfig, devices: &[&str]) -> Result<()> {
         crate::bpffs::ensure_dir(&self.dir).context(|| format!("{}", self.dir.display()))?;
         let pins: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, self.pin(m))).collect();
         let mut loader = EbpfLoader::new();
@@ -165,7 +166,15 @@ impl FastPath {
             .expect("loaded above")
             .try_into()
             .context(|| TO_POD.into())?;
-        attach(to_pod, device, TO_POD)
+        for dev in devices {
+            attach(to_pod, dev, TO_POD)?;
+        }
+        Ok(())
+    }
+
+    /// Detaches `to_pod` from `device`, if attached there.
+    pub fn detach(&self, device: &str) -> Result<()> {
+        detach(device, TO_POD)
     }
 
     /// Wires one pod: its host veth's ingress runs `from_pod`, and `to_pod`
@@ -199,19 +208,13 @@ impl FastPath {
             .context(|| "reading the pods map".into())
     }
 
-    /// Detaches `to_pod` from `device` and `from_pod` from the host veths
-    /// named, then removes the pins: every pod goes back to the stack.
-    pub fn uninstall(&self, device: Option<&str>, host_veths: &[String]) -> Result<()> {
-        for (dev, name) in device
-            .map(|d| (d, TO_POD))
-            .into_iter()
-            .chain(host_veths.iter().map(|v| (v.as_str(), FROM_POD)))
-        {
-            match tc::qdisc_detach_program(dev, TcAttachType::Ingress, name) {
-                Ok(()) => {}
-                Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e).context(|| format!("detaching {name} from {dev}")),
-            }
+    /// Detaches both programs from the devices named (the tunnel, the
+    /// underlay, the pods' host veths), then removes the pins: every pod goes
+    /// back to the stack.
+    pub fn uninstall(&self, devices: &[String]) -> Result<()> {
+        for dev in devices {
+            detach(dev, TO_POD)?;
+            detach(dev, FROM_POD)?;
         }
         match std::fs::remove_dir_all(&self.dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -238,12 +241,7 @@ fn attach(prog: &mut SchedClassifier, dev: &str, name: &str) -> Result<()> {
             return Err(e).context(|| format!("adding the clsact qdisc to {dev}"));
         }
     }
-    let old = tc::qdisc_detach_program(dev, TcAttachType::Ingress, name);
-    if let Err(e) = old {
-        if !matches!(&e, tc::TcError::IoError(io) if io.kind() == std::io::ErrorKind::NotFound) {
-            return Err(e).context(|| format!("detaching the old {name} from {dev}"));
-        }
-    }
+    detach(dev, name)?;
     let id = prog
         .attach_with_options(
             dev,
@@ -255,6 +253,16 @@ fn attach(prog: &mut SchedClassifier, dev: &str, name: &str) -> Result<()> {
     // A netlink tc filter holds the program; dropping the link would detach it.
     std::mem::forget(link);
     Ok(())
+}
+
+/// Removes `dev`'s ingress filters running program `name`; none is fine, and
+/// so is a device that no longer exists.
+fn detach(dev: &str, name: &str) -> Result<()> {
+    match tc::qdisc_detach_program(dev, TcAttachType::Ingress, name) {
+        Ok(()) => Ok(()),
+        Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).context(|| format!("detaching {name} from {dev}")),
+    }
 }
 
 #[cfg(test)]

@@ -251,19 +251,25 @@ impl Reconciler {
     /// failure leaves every pod on the stack path, which always works.
     async fn ensure_fastpath(&mut self) {
         let fp = FastPath::new(self.cfg.fastpath_dir());
-        let device = match &self.vtep {
-            Some(l) => l.name.clone(),
-            None => self.underlay.name.clone(),
-        };
+        // to_pod where packets for this node's pods arrive: flannel.1, and the
+        // underlay when peers route to pods directly (host-gw, DirectRouting).
+        let underlay = self.underlay.name.clone();
+        let on_underlay = self.vtep.is_none() || self.cfg.direct_routing;
+        let mut devices: Vec<&str> = self.vtep.iter().map(|l| l.name.as_str()).collect();
+        if on_underlay {
+            devices.push(&underlay);
+        }
         let pods = fp.pods().unwrap_or_default();
         let mut veths = BTreeMap::new();
         for (ip, ep) in &pods {
-            veths.insert(*ip, self.pod_bridge_port(ep.host_ifindex).await);
+            veths.insert(*ip, self.pod_veth(ep.host_ifindex).await);
         }
         if !self.cfg.fast_path {
             if fp.is_installed() {
-                let names: Vec<String> = veths.into_values().flatten().collect();
-                match fp.uninstall(Some(&device), &names) {
+                let mut names: Vec<String> = veths.into_values().flatten().collect();
+                names.extend(devices.iter().map(|d| d.to_string()));
+                names.push(underlay.clone());
+                match fp.uninstall(&names) {
                     Ok(()) => tracing::info!(dir = %fp.dir().display(), "pod fast path removed"),
                     Err(e) => tracing::warn!("{e}"),
                 }
@@ -271,9 +277,15 @@ impl Reconciler {
             return;
         }
         let cfg = FastPathConfig::new(self.cfg.cluster_cidr, self.cfg.subnet);
-        if let Err(e) = fp.install(cfg, &device) {
+        if let Err(e) = fp.install(cfg, &devices) {
             tracing::warn!("{e}; pods use the stack path only");
             return;
+        }
+        if !on_underlay {
+            // Left by an earlier host-gw run.
+            if let Err(e) = fp.detach(&underlay) {
+                tracing::warn!("{e}");
+            }
         }
         for (ip, _) in veths.iter().filter(|(_, v)| v.is_none()) {
             tracing::info!(pod = %ip, "pod fast path: dropping a pod whose veth is gone");
@@ -281,15 +293,16 @@ impl Reconciler {
                 tracing::warn!("{e}");
             }
         }
-        tracing::info!(dir = %fp.dir().display(), %device, "pod fast path installed");
+        tracing::info!(dir = %fp.dir().display(), ?devices, "pod fast path installed");
         self.fastpath = Some(fp);
     }
 
-    /// The name of the link `ifindex` when it is a port of the pod bridge.
-    async fn pod_bridge_port(&self, ifindex: u32) -> Option<String> {
-        let bridge = self.nl.link(crate::podnet::DEFAULT_BRIDGE).await.ok()??;
+    /// The name of the link `ifindex` when it is a veth on some bridge (the
+    /// CNI config names the bridge; the overlay does not know it).
+    async fn pod_veth(&self, ifindex: u32) -> Option<String> {
         let l = self.nl.link_by_index(ifindex).await.ok()??;
-        (l.controller == Some(bridge.index)).then_some(l.name)
+        let veth = l.kind == Some(rtnetlink::packet_route::link::InfoKind::Veth);
+        (veth && l.controller.is_some()).then_some(l.name)
     }
 
     pub fn config(&self) -> &OverlayConfig {
