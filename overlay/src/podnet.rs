@@ -266,7 +266,11 @@ impl PodNetwork {
         })?;
         if let Some(fp) = self.fastpath() {
             if let Some(ip) = self.ipam.lookup(container_id, ifname)? {
-                fp.remove_pod(ip)?;
+                // Not fatal: DEL must succeed; the overlay drops stale entries
+                // at its next start, and an ADD reusing the address replaces it.
+                if let Err(e) = fp.remove_pod(ip) {
+                    tracing::warn!("{e}");
+                }
             }
         }
         self.ipam.release(container_id, ifname)?;
