@@ -125,11 +125,16 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         for ns in [&c.nodes[0].ns, &c.pods[0]] {
             topology::tune_client(ns)?;
         }
-        let _node_servers = Servers::start(&c.nodes[1].ns, node_ip(2).into())?;
+        let _node_servers = Servers::start(&c.nodes[1].ns, ferry_testkit::underlay_ip(2).into())?;
         let _pod_servers = Servers::start(&c.pods[1], c.pod_ips[1].into())?;
         // The underlay gets the backend's mode: each backend is measured against
         // the underlay of its own cluster, run for run, not against other minutes' noise.
-        let underlay = Path::to_servers("underlay", v.mode(), &node_client, node_ip(2).into());
+        let underlay = Path::to_servers(
+            "underlay",
+            v.mode(),
+            &node_client,
+            ferry_testkit::underlay_ip(2).into(),
+        );
         let pods = Path::to_servers("pod-to-pod", v.mode(), &pod_client, c.pod_ips[1].into());
         for p in [&underlay, &pods] {
             datapath::wait_path(p)
@@ -165,10 +170,6 @@ pub async fn run(ctx: &Ctx) -> Result<Report> {
         z.tput_runs, z.tput_secs, z.secs, z.conc, z.secs, z.conc, z.secs, MSG = crate::loadgen::MSG
     ));
     Ok(rep)
-}
-
-fn node_ip(i: u8) -> Ipv4Addr {
-    Ipv4Addr::new(198, 18, 0, i)
 }
 
 /// A node namespace with the runtime its overlay reconciler runs on.
@@ -224,20 +225,9 @@ struct TwoNodeCluster {
 
 impl TwoNodeCluster {
     async fn new(v: Variant) -> Result<TwoNodeCluster> {
-        let fabric = Netns::new("ovl-fab")?;
-        fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
-        fabric.link_up("br0")?;
+        let (fabric, namespaces) = ferry_testkit::underlay("ovl-", 2)?;
         let mut nodes = Vec::new();
-        for i in 1..=2u8 {
-            let ns = Netns::new(&format!("ovl-n{i}"))?;
-            ferry_testkit::bridge_port(
-                &fabric,
-                "br0",
-                &format!("p{i}"),
-                &ns,
-                "eth0",
-                &format!("{}/24", node_ip(i)),
-            )?;
+        for (i, ns) in (1..=2u8).zip(namespaces) {
             nodes.push(OverlayNode {
                 name: format!("node-{i}"),
                 rt: NsRuntime::new(ns.name(), 1)?,

@@ -378,6 +378,28 @@ pub fn bridge_port(
     node.link_up(node_if)
 }
 
+/// The node's underlay address on an [`underlay`] fabric: 198.18.0.`i`.
+pub fn underlay_ip(i: u8) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(198, 18, 0, i)
+}
+
+/// An L2 underlay: a fabric namespace `{prefix}fab` holding bridge `br0`, and
+/// `n` node namespaces `{prefix}n1..n`, each with `eth0` on the bridge at
+/// [`underlay_ip`]`(i)`/24. Returns the fabric and the nodes.
+pub fn underlay(prefix: &str, n: u8) -> Result<(Netns, Vec<Netns>)> {
+    let fabric = Netns::new(&format!("{prefix}fab"))?;
+    fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
+    fabric.link_up("br0")?;
+    let mut nodes = Vec::new();
+    for i in 1..=n {
+        let ns = Netns::new(&format!("{prefix}n{i}"))?;
+        let cidr = format!("{}/24", underlay_ip(i));
+        bridge_port(&fabric, "br0", &format!("p{i}"), &ns, "eth0", &cidr)?;
+        nodes.push(ns);
+    }
+    Ok((fabric, nodes))
+}
+
 /// A server thread started by [`Netns::serve_tcp`] / [`Netns::serve_udp`]; stops on drop.
 pub struct Server {
     stop: Arc<AtomicBool>,

@@ -237,26 +237,14 @@ impl Cluster {
 
     /// The namespaces and links only, no agents.
     pub fn topology(n: usize, backend: Backend) -> Result<Cluster> {
-        let fabric = Netns::new("fab")?;
-        fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
+        let (fabric, namespaces) = ferry_testkit::underlay("", u8::try_from(n)?)?;
         fabric.add_addr("br0", &format!("{FABRIC_IP}/24"))?;
-        fabric.link_up("br0")?;
         let mut nodes = Vec::new();
-        for i in 1..=n {
-            let ns = Netns::new(&format!("n{i}"))?;
-            let ip: Ipv4Addr = format!("198.18.0.{i}").parse()?;
-            ferry_testkit::bridge_port(
-                &fabric,
-                "br0",
-                &format!("p{i}"),
-                &ns,
-                "eth0",
-                &format!("{ip}/24"),
-            )?;
+        for (i, ns) in (1..=n).zip(namespaces) {
             nodes.push(TestNode {
                 name: format!("node-{i}"),
                 ns,
-                ip,
+                ip: ferry_testkit::underlay_ip(u8::try_from(i)?),
                 subnet: format!("10.244.{i}.0/24").parse()?,
                 dir: tempfile::tempdir()?,
                 agent: None,
