@@ -9,22 +9,26 @@
 //! DIR/fastpath_config   cluster CIDR and node subnet
 //! DIR/pods              pod address → host veth, pod MAC, gateway MAC
 //! DIR/nat_guard         pod sockets whose flows the stack may NAT
+//! DIR/vteps             peer VTEP MAC → peer underlay address (flannel.1's FDB)
 //! ```
 //!
-//! `to_pod` is attached to the node's tunnel or underlay device and holds the
+//! `to_pod` is attached to the node's underlay and tunnel devices and holds the
 //! maps itself; tc filters keep both programs alive without any process.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData, MapInfo};
 use aya::programs::tc::{self, NlOptions, SchedClassifier, TcAttachOptions, TcAttachType};
 use aya::{EbpfLoader, Pod};
 use ipnet::Ipv4Net;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pod_fastpath.o"));
 
-const MAPS: [&str; 3] = ["fastpath_config", "pods", "nat_guard"];
+const CONFIG: &str = "fastpath_config";
+const VTEPS: &str = "vteps";
+const MAPS: [&str; 4] = [CONFIG, "pods", "nat_guard", VTEPS];
 const FROM_POD: &str = "from_pod";
 const TO_POD: &str = "to_pod";
 
@@ -51,7 +55,7 @@ impl<T, E: std::error::Error + Send + Sync + 'static> Context<T> for std::result
     }
 }
 
-/// `struct fastpath_config`: addresses and masks in network order.
+/// `struct fastpath_config`: addresses, masks, VNI and port in network order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FastPathConfig {
@@ -59,21 +63,72 @@ pub struct FastPathConfig {
     cluster_mask: [u8; 4],
     node_net: [u8; 4],
     node_mask: [u8; 4],
+    vxlan_ifindex: u32,
+    underlay_ifindex: u32,
+    vtep_addr: [u8; 4],
+    vni: [u8; 4],
+    vxlan_port: [u8; 2],
+    vtep_mac: [u8; 6],
 }
 
-// SAFETY: plain old data, no padding.
+// SAFETY: plain old data, no padding (4 × 4 + 2 × 4 + 2 × 4 + 2 + 6 bytes).
 unsafe impl Pod for FastPathConfig {}
 
+/// The node's VTEP, for VXLAN encapsulation and decapsulation in BPF.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vtep {
+    /// flannel.1: packets routed to it are encapsulated by from_pod instead.
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub vni: u32,
+    pub port: u16,
+    /// The device encapsulated packets leave by, and its address.
+    pub underlay_ifindex: u32,
+    pub underlay_addr: Ipv4Addr,
+}
+
 impl FastPathConfig {
+    /// Pods only: VXLAN, if any, stays with the vxlan driver.
     pub fn new(cluster: Ipv4Net, node_subnet: Ipv4Net) -> FastPathConfig {
         FastPathConfig {
             cluster_net: cluster.network().octets(),
             cluster_mask: cluster.netmask().octets(),
             node_net: node_subnet.network().octets(),
             node_mask: node_subnet.netmask().octets(),
+            vxlan_ifindex: 0,
+            underlay_ifindex: 0,
+            vtep_addr: [0; 4],
+            vni: [0; 4],
+            vxlan_port: [0; 2],
+            vtep_mac: [0; 6],
+        }
+    }
+
+    /// VXLAN encapsulated and decapsulated in BPF for `vtep`.
+    pub fn with_vxlan(self, vtep: Vtep) -> FastPathConfig {
+        FastPathConfig {
+            vxlan_ifindex: vtep.ifindex,
+            underlay_ifindex: vtep.underlay_ifindex,
+            vtep_addr: vtep.underlay_addr.octets(),
+            // The header's VNI field is 24 bits followed by a reserved byte.
+            vni: (vtep.vni << 8).to_be_bytes(),
+            vxlan_port: vtep.port.to_be_bytes(),
+            vtep_mac: vtep.mac,
+            ..self
         }
     }
 }
+
+/// `struct vtep_key`: a peer's VTEP MAC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct VtepKey {
+    mac: [u8; 6],
+    pad: u16,
+}
+
+// SAFETY: plain old data, no padding (6 + 2 bytes).
+unsafe impl Pod for VtepKey {}
 
 /// `struct pod_endpoint`: where to_pod delivers a pod's packets.
 #[repr(C)]
@@ -127,6 +182,7 @@ impl FastPath {
     /// earlier `to_pod`.
     pub fn install(&self, cfg: FastPathConfig, devices: &[&str]) -> Result<()> {
         crate::bpffs::ensure_dir(&self.dir).context(|| format!("{}", self.dir.display()))?;
+        self.drop_stale_config()?;
         let pins: Vec<(&str, PathBuf)> = MAPS.iter().map(|m| (*m, self.pin(m))).collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &pins {
@@ -168,6 +224,40 @@ impl FastPath {
             .context(|| TO_POD.into())?;
         for dev in devices {
             attach(to_pod, dev, TO_POD)?;
+        }
+        Ok(())
+    }
+
+    /// An earlier version's config map has another layout and would not load;
+    /// its content is rewritten at every install anyway.
+    fn drop_stale_config(&self) -> Result<()> {
+        let pin = self.pin(CONFIG);
+        let stale = MapInfo::from_pin(&pin)
+            .is_ok_and(|i| i.value_size() as usize != std::mem::size_of::<FastPathConfig>());
+        if stale {
+            std::fs::remove_file(&pin).context(|| format!("removing {}", pin.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the vteps map hold exactly `want` (peer VTEP MAC → underlay
+    /// address), as the overlay makes flannel.1's FDB.
+    pub fn set_vteps(&self, want: &BTreeMap<[u8; 6], Ipv4Addr>) -> Result<()> {
+        let mut map: HashMap<MapData, VtepKey, [u8; 4]> = self.hash_map(VTEPS)?;
+        let have: Vec<(VtepKey, [u8; 4])> = map
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .context(|| "reading the vteps map".into())?;
+        for (k, v) in have {
+            if want.get(&k.mac).map(|a| a.octets()) != Some(v) {
+                map.remove(&k)
+                    .context(|| format!("removing {:02x?} from the vteps map", k.mac))?;
+            }
+        }
+        for (mac, addr) in want {
+            let k = VtepKey { mac: *mac, pad: 0 };
+            map.insert(k, addr.octets(), 0)
+                .context(|| format!("adding {mac:02x?} → {addr} to the vteps map"))?;
         }
         Ok(())
     }
@@ -225,9 +315,13 @@ impl FastPath {
     }
 
     fn pods_map(&self) -> Result<HashMap<MapData, u32, PodEndpoint>> {
-        let pin = self.pin("pods");
+        self.hash_map("pods")
+    }
+
+    fn hash_map<K: Pod, V: Pod>(&self, name: &str) -> Result<HashMap<MapData, K, V>> {
+        let pin = self.pin(name);
         let data = MapData::from_pin(&pin).context(|| format!("opening {}", pin.display()))?;
-        HashMap::try_from(Map::HashMap(data)).context(|| "the pods map".into())
+        HashMap::try_from(Map::HashMap(data)).context(|| format!("the {name} map"))
     }
 }
 
@@ -279,7 +373,22 @@ mod tests {
         assert_eq!(c.cluster_mask, [255, 255, 0, 0]);
         assert_eq!(c.node_net, [10, 244, 3, 0]);
         assert_eq!(c.node_mask, [255, 255, 255, 0]);
-        assert_eq!(std::mem::size_of::<FastPathConfig>(), 16);
+        assert_eq!(c.vxlan_ifindex, 0, "VXLAN in BPF is off");
+        assert_eq!(std::mem::size_of::<FastPathConfig>(), 40);
+        let v = c.with_vxlan(Vtep {
+            ifindex: 7,
+            mac: [2, 0, 0, 0, 0, 1],
+            vni: 1,
+            port: 8472,
+            underlay_ifindex: 3,
+            underlay_addr: Ipv4Addr::new(198, 18, 0, 1),
+        });
+        assert_eq!((v.vxlan_ifindex, v.underlay_ifindex), (7, 3));
+        assert_eq!(v.vni, [0, 0, 1, 0], "VNI 1 as the header carries it");
+        assert_eq!(v.vxlan_port, [0x21, 0x18], "8472");
+        assert_eq!(v.vtep_addr, [198, 18, 0, 1]);
+        assert_eq!(v.node_net, c.node_net);
+        assert_eq!(std::mem::size_of::<VtepKey>(), 8);
     }
 
     #[test]

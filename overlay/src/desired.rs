@@ -128,8 +128,11 @@ pub fn diff<T: Ord + Clone>(current: &BTreeSet<T>, want: &BTreeSet<T>) -> Diff<T
 
 /// The VXLAN device MTU for an underlay MTU (IPv4 outer header 20 + UDP 8 +
 /// VXLAN 8 + inner Ethernet 14 = 50).
+/// Outer IPv4, UDP and VXLAN headers and the inner Ethernet header.
+pub const VXLAN_OVERHEAD: u32 = 50;
+
 pub fn vxlan_mtu(underlay_mtu: u32) -> u32 {
-    underlay_mtu.saturating_sub(50)
+    underlay_mtu.saturating_sub(VXLAN_OVERHEAD)
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
 use rtnetlink::packet_route::AddressFamily;
 
-use ferry_ebpf::pod_fastpath::{FastPath, FastPathConfig};
+use ferry_ebpf::pod_fastpath::{FastPath, FastPathConfig, Vtep};
 
 use crate::desired::{self, Desired, FdbSpec, NeighSpec, RouteSpec};
 use crate::netlink::{Link, Netlink, FERRY_RT_PROTO};
@@ -149,6 +149,8 @@ pub struct Reconciler {
     mtu: u32,
     /// The pod fast path, when installed.
     fastpath: Option<FastPath>,
+    /// The VXLAN device the fast path was last set up for (its ifindex).
+    fastpath_vtep: Option<u32>,
 }
 
 impl Reconciler {
@@ -183,6 +185,7 @@ impl Reconciler {
             vtep: None,
             mtu,
             fastpath: None,
+            fastpath_vtep: None,
         };
         r.ensure_device().await?;
         let rules = crate::netfilter::Rules {
@@ -251,10 +254,25 @@ impl Reconciler {
     /// failure leaves every pod on the stack path, which always works.
     async fn ensure_fastpath(&mut self) {
         let fp = FastPath::new(self.cfg.fastpath_dir());
+        self.fastpath_vtep = self.vtep.as_ref().map(|l| l.index);
+        // VXLAN in BPF too, when the tunnel MTU leaves room for the headers on
+        // the underlay (the default MTU does); else flannel.1 encapsulates.
+        let fits = self.mtu + desired::VXLAN_OVERHEAD <= self.underlay.mtu;
+        let bpf_vtep = self.vtep.as_ref().filter(|_| fits).and_then(|l| {
+            Some(Vtep {
+                ifindex: l.index,
+                mac: l.mac?.0,
+                vni: self.cfg.vni,
+                port: self.cfg.vxlan_port,
+                underlay_ifindex: self.underlay.index,
+                underlay_addr: self.underlay.addr.addr(),
+            })
+        });
         // to_pod where packets for this node's pods arrive: flannel.1, and the
-        // underlay when peers route to pods directly (host-gw, DirectRouting).
+        // underlay when VXLAN is decapsulated in BPF or peers route to pods
+        // directly (host-gw, DirectRouting).
         let underlay = self.underlay.name.clone();
-        let on_underlay = self.vtep.is_none() || self.cfg.direct_routing;
+        let on_underlay = self.vtep.is_none() || self.cfg.direct_routing || bpf_vtep.is_some();
         let mut devices: Vec<&str> = self.vtep.iter().map(|l| l.name.as_str()).collect();
         if on_underlay {
             devices.push(&underlay);
@@ -276,7 +294,10 @@ impl Reconciler {
             }
             return;
         }
-        let cfg = FastPathConfig::new(self.cfg.cluster_cidr, self.cfg.subnet);
+        let mut cfg = FastPathConfig::new(self.cfg.cluster_cidr, self.cfg.subnet);
+        if let Some(v) = bpf_vtep {
+            cfg = cfg.with_vxlan(v);
+        }
         if let Err(e) = fp.install(cfg, &devices) {
             tracing::warn!("{e}; pods use the stack path only");
             return;
@@ -293,7 +314,7 @@ impl Reconciler {
                 tracing::warn!("{e}");
             }
         }
-        tracing::info!(dir = %fp.dir().display(), ?devices, "pod fast path installed");
+        tracing::info!(dir = %fp.dir().display(), ?devices, vxlan_in_bpf = bpf_vtep.is_some(), "pod fast path installed");
         self.fastpath = Some(fp);
     }
 
@@ -379,6 +400,10 @@ impl Reconciler {
     /// reported and do not stop the others.
     pub async fn reconcile(&mut self, nodes: &[Node]) -> Result<ReconcileReport> {
         self.ensure_device().await?;
+        if self.cfg.fast_path && self.vtep.as_ref().map(|l| l.index) != self.fastpath_vtep {
+            // flannel.1 was re-created: the fast path points at the old one.
+            self.ensure_fastpath().await;
+        }
         let (want, peers, skipped) = self.desired_for(nodes);
         for s in &skipped {
             tracing::warn!(node = %s.name, "skipping node: {}", s.reason);
@@ -426,6 +451,13 @@ impl Reconciler {
                     self.nl.replace_fdb(vx, f.mac, f.dst).await,
                     false,
                 );
+            }
+            // The fast path's copy of the FDB, for VXLAN in BPF.
+            if let Some(fp) = &self.fastpath {
+                let vteps = want.fdbs.iter().map(|f| (f.mac.0, f.dst)).collect();
+                if let Err(e) = fp.set_vteps(&vteps) {
+                    rep.errors.push(e.to_string());
+                }
             }
 
             let cur = self.nl.neighbours(AddressFamily::Inet, vx).await?;

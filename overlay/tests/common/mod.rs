@@ -51,6 +51,15 @@ pub fn assert_pod_to_pod(from: &Pod, to: &Pod, name: &str) {
     );
 }
 
+/// A statistics counter of `dev` in `ns`.
+pub fn counter(ns: &Netns, dev: &str, what: &str) -> u64 {
+    ns.exec(&["cat", &format!("/sys/class/net/{dev}/statistics/{what}")])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 pub fn netns_path(ns: &Netns) -> PathBuf {
     PathBuf::from(format!("/var/run/netns/{}", ns.name()))
 }
