@@ -289,6 +289,15 @@ impl FastPath {
         }
     }
 
+    /// The pods map's entry for `pod_ip`, if any.
+    pub fn pod(&self, pod_ip: Ipv4Addr) -> Result<Option<PodEndpoint>> {
+        match self.pods_map()?.get(&pod_key(pod_ip), 0) {
+            Ok(ep) => Ok(Some(ep)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context(|| format!("reading {pod_ip} in the pods map")),
+        }
+    }
+
     /// The pods map's entries.
     pub fn pods(&self) -> Result<Vec<(Ipv4Addr, PodEndpoint)>> {
         let pods = self.pods_map()?;

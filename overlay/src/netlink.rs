@@ -264,6 +264,21 @@ impl Netlink {
         if !l.up {
             self.set_up(l.index).await?;
         }
+        // A bridge whose address was never set takes the lowest of its ports'
+        // addresses, so the gateway's MAC would change as pods come and go.
+        // Setting it (to what it is now) fixes it for good.
+        if let Some(mac) = l.mac {
+            self.handle
+                .link()
+                .set(
+                    LinkUnspec::new_with_index(l.index)
+                        .address(mac.0.to_vec())
+                        .build(),
+                )
+                .execute()
+                .await
+                .with_context(|| format!("fixing bridge {name}'s address {mac}"))?;
+        }
         Ok(l)
     }
 

@@ -318,7 +318,7 @@ impl PodNetwork {
         let host = host_veth_name(container_id, ifname);
         let bridge = self.cfg.bridge.clone();
         let gw_net = self.gateway_net();
-        let (bridge_mac, host_mac) = block_on_in(None, || async {
+        let (bridge_mac, host_mac, host_index) = block_on_in(None, || async {
             let nl = Netlink::new()?;
             let br = nl
                 .link(&bridge)
@@ -334,8 +334,22 @@ impl PodNetwork {
             if h.controller != Some(br.index) {
                 bail!("host veth {host} is not attached to {bridge}");
             }
-            Ok((br.mac, h.mac))
+            Ok((br.mac, h.mac, h.index))
         })?;
+        // No fast-path entry is fine (the pod uses the stack path); a stale
+        // one would deliver the pod's packets to the wrong place.
+        if let Some(fp) = self.fastpath() {
+            if let Some(have) = fp.pod(ip)? {
+                let want = PodEndpoint {
+                    host_ifindex: host_index,
+                    pod_mac: pod_mac.map(|m| m.0).unwrap_or_default(),
+                    gateway_mac: bridge_mac.map(|m| m.0).unwrap_or_default(),
+                };
+                if have != want {
+                    bail!("the pod fast path's entry for {ip} is stale: {have:?}, want {want:?}");
+                }
+            }
+        }
         Ok(PodAddress {
             address,
             gateway,

@@ -130,6 +130,11 @@ fn cni_add_check_del_as_a_runtime_calls_them() {
         assert_eq!(r["ips"][0]["address"], format!("10.244.5.{}/29", i + 2));
         assert_eq!(r["ips"][0]["gateway"], "10.244.5.1");
         assert_eq!(r["interfaces"][2]["name"], "eth0");
+        // The gateway's MAC stays what the first pod learnt as pods join cni0.
+        if let Some(first) = results.first() {
+            let first: &Value = first;
+            assert_eq!(r["interfaces"][0]["mac"], first["interfaces"][0]["mac"]);
+        }
         assert_eq!(
             r["interfaces"][2]["sandbox"],
             path(&pods[i]).display().to_string()

@@ -94,6 +94,37 @@ fn fast_path_carries_pod_traffic_and_keeps_nat_working(backend: Backend) {
     assert!(filters(&c.nodes[0].ns, &veth1).contains("from_pod"));
     let fp = FastPath::new(c.nodes[0].config().fastpath_dir());
     assert!(fp.pods().unwrap().iter().any(|(ip, _)| *ip == p1.ip));
+    // CNI CHECK verifies the pod's fast-path entry: a stale one is an error.
+    let check = || {
+        let (pn, id, path) = (c.nodes[0].pod_network(), p1.id.clone(), netns_path(&p1.ns));
+        c.nodes[0]
+            .ns
+            .run(move || Ok(pn.check(&path, &id, "eth0").map_err(|e| e.to_string())))
+            .unwrap()
+    };
+    check().unwrap();
+    let good = fp.pod(p1.ip).unwrap().unwrap();
+    let stale = ferry_ebpf::pod_fastpath::PodEndpoint {
+        host_ifindex: good.host_ifindex + 1000,
+        ..good
+    };
+    c.nodes[0]
+        .ns
+        .run({
+            let (fp, veth, ip) = (fp.clone(), veth1.clone(), p1.ip);
+            move || Ok(fp.add_pod(&veth, ip, stale)?)
+        })
+        .unwrap();
+    let err = check().unwrap_err();
+    assert!(err.contains("fast path") && err.contains("stale"), "{err}");
+    c.nodes[0]
+        .ns
+        .run({
+            let (fp, veth, ip) = (fp.clone(), veth1.clone(), p1.ip);
+            move || Ok(fp.add_pod(&veth, ip, good)?)
+        })
+        .unwrap();
+    check().unwrap();
 
     // pod <-> pod across nodes, source kept, both protocols.
     assert_pod_to_pod(&p1, &p2, "p2");
