@@ -66,8 +66,9 @@ pub struct OverlayArgs {
     #[arg(long, action = clap::ArgAction::Set)]
     pub vxlan_tx_checksum_offload: Option<bool>,
     /// Cross-node pod-to-pod TCP/UDP skips the node's IP stack (eBPF programs
-    /// on the pod veths and on flannel.1 / the underlay). false: every packet
-    /// takes the stack, as with flannel (and an installed fast path is removed).
+    /// on the pod veths and the underlay, which also do the VXLAN encapsulation).
+    /// false: every packet takes the stack and flannel.1, as with flannel (and
+    /// an installed fast path is removed).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub fast_path: bool,
     /// bpffs directory for the fast path's pinned programs and maps (default:
