@@ -155,8 +155,7 @@ pub async fn run(args: OverlayArgs) -> Result<()> {
         cfg.vxlan_tx_checksum_offload = on;
     }
     let mut rec = Reconciler::new(cfg).await?;
-    let want_ann = rec.annotations();
-    let mut published = publish(&api, &name, &want_ann)
+    let mut published = publish(&api, &name, &rec.annotations())
         .await
         .map_err(|e| tracing::warn!("{e:#}"))
         .is_ok();
@@ -182,10 +181,19 @@ pub async fn run(args: OverlayArgs) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let nodes: Vec<Node> = store.state().iter().map(|n| (**n).clone()).collect();
+        match rec.reconcile(&nodes).await {
+            Ok(r) if !r.errors.is_empty() => {
+                tracing::warn!(errors = r.errors.len(), "reconcile partly failed")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!("reconcile: {e:#}"),
+        }
         if let Some(me) = nodes
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(name.as_str()))
         {
+            // After the reconcile: a re-created flannel.1 has a new VtepMAC.
+            let want_ann = rec.annotations();
             let have = me.metadata.annotations.clone().unwrap_or_default();
             if !published || want_ann.iter().any(|(k, v)| have.get(k) != Some(v)) {
                 published = publish(&api, &name, &want_ann)
@@ -198,13 +206,6 @@ pub async fn run(args: OverlayArgs) -> Result<()> {
                     tracing::error!(old = %subnet, new = %c, "this node's podCIDR changed; restart ferry overlay to use it");
                 }
             }
-        }
-        match rec.reconcile(&nodes).await {
-            Ok(r) if !r.errors.is_empty() => {
-                tracing::warn!(errors = r.errors.len(), "reconcile partly failed")
-            }
-            Ok(_) => {}
-            Err(e) => tracing::error!("reconcile: {e:#}"),
         }
         tokio::select! {
             _ = notify.notified() => {

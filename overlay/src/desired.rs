@@ -126,11 +126,11 @@ pub fn diff<T: Ord + Clone>(current: &BTreeSet<T>, want: &BTreeSet<T>) -> Diff<T
     }
 }
 
-/// The VXLAN device MTU for an underlay MTU (IPv4 outer header 20 + UDP 8 +
-/// VXLAN 8 + inner Ethernet 14 = 50).
-/// Outer IPv4, UDP and VXLAN headers and the inner Ethernet header.
+/// What VXLAN adds to a frame: outer IPv4 header 20 + UDP 8 + VXLAN 8 + inner
+/// Ethernet 14.
 pub const VXLAN_OVERHEAD: u32 = 50;
 
+/// The VXLAN device MTU for an underlay MTU.
 pub fn vxlan_mtu(underlay_mtu: u32) -> u32 {
     underlay_mtu.saturating_sub(VXLAN_OVERHEAD)
 }

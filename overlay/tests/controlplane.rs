@@ -157,6 +157,8 @@ fn overlay_run_against_ferry_controlplane() {
             "eth0",
             "--subnet-file",
             &n.dir.path().join("subnet.env").display().to_string(),
+            "--resync-seconds",
+            "1",
         ])
         .unwrap()
         .args;
@@ -202,6 +204,37 @@ fn overlay_run_against_ferry_controlplane() {
     let (p1, ip1) = pod(&c.nodes[0], "p1");
     let (p2, ip2) = pod(&c.nodes[1], "p2");
     let _s = p2.serve_tcp("0.0.0.0:8080", "p2").unwrap();
+    let dst = format!("{ip2}:8080");
+    let got = p1
+        .run(move || Ok(tcp_request(&dst, Duration::from_secs(3))?))
+        .unwrap();
+    assert_eq!(got, format!("p2 {ip1}"));
+
+    // flannel.1 deleted on node-1: its agent re-creates it at the next resync
+    // (with the fast path on it) and publishes the new VtepMAC; node-2 follows.
+    let vtep_mac = || {
+        c.nodes[0]
+            .ns
+            .exec(&["cat", "/sys/class/net/flannel.1/address"])
+            .map(|m| m.trim().to_string())
+            .ok()
+    };
+    let old_mac = vtep_mac().unwrap();
+    c.nodes[0].ns.ip(&["link", "del", "flannel.1"]).unwrap();
+    wait_for(Duration::from_secs(10), || {
+        let mac = vtep_mac().filter(|m| *m != old_mac)?;
+        let neigh = c.nodes[1]
+            .ns
+            .ip(&["neigh", "show", "dev", "flannel.1"])
+            .ok()?;
+        neigh.contains(&mac).then_some(())
+    })
+    .expect("node-2 learns node-1's new VtepMAC");
+    let filters = c.nodes[0]
+        .ns
+        .exec(&["tc", "filter", "show", "dev", "flannel.1", "ingress"])
+        .unwrap();
+    assert!(filters.contains("to_pod"), "{filters}");
     let dst = format!("{ip2}:8080");
     let got = p1
         .run(move || Ok(tcp_request(&dst, Duration::from_secs(3))?))

@@ -108,22 +108,17 @@ fn fast_path_carries_pod_traffic_and_keeps_nat_working(backend: Backend) {
         host_ifindex: good.host_ifindex + 1000,
         ..good
     };
-    c.nodes[0]
-        .ns
-        .run({
-            let (fp, veth, ip) = (fp.clone(), veth1.clone(), p1.ip);
-            move || Ok(fp.add_pod(&veth, ip, stale)?)
-        })
-        .unwrap();
+    let set_entry = |ep| {
+        let (fp, veth, ip) = (fp.clone(), veth1.clone(), p1.ip);
+        c.nodes[0]
+            .ns
+            .run(move || Ok(fp.add_pod(&veth, ip, ep)?))
+            .unwrap()
+    };
+    set_entry(stale);
     let err = check().unwrap_err();
     assert!(err.contains("fast path") && err.contains("stale"), "{err}");
-    c.nodes[0]
-        .ns
-        .run({
-            let (fp, veth, ip) = (fp.clone(), veth1.clone(), p1.ip);
-            move || Ok(fp.add_pod(&veth, ip, good)?)
-        })
-        .unwrap();
+    set_entry(good);
     check().unwrap();
 
     // pod <-> pod across nodes, source kept, both protocols.
