@@ -123,6 +123,33 @@ struct {
 	__type(value, __u32);
 } vteps SEC(".maps");
 
+// Packet counters, one per CPU, summed by `ferry overlay` for /metrics. The
+// loader (src/pod_fastpath.rs, STATS) names them in this order.
+enum stat {
+	STAT_ROUTED, // from_pod: redirected to the route's device (host-gw; flannel.1 without VXLAN in BPF)
+	STAT_ENCAPSULATED, // from_pod: VXLAN-encapsulated here, sent from the underlay
+	STAT_TO_TUNNEL, // from_pod: handed to flannel.1 (no vteps entry or outer neighbour, too long)
+	STAT_FROM_POD_STACK, // from_pod: TCP/UDP left to the stack
+	STAT_DELIVERED, // to_pod: delivered into a pod
+	STAT_DECAPSULATED, // to_pod: VXLAN-decapsulated here, delivered into a pod
+	STAT_TO_POD_STACK, // to_pod: TCP/UDP for a pod of this node left to the stack (NAT guard, TTL)
+	STAT_MAX,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+static __always_inline void count(__u32 stat)
+{
+	__u64 *n = bpf_map_lookup_elem(&stats, &stat);
+	if (n)
+		*n += 1;
+}
+
 struct flow {
 	struct ethhdr *eth;
 	struct iphdr *ip;
@@ -195,7 +222,7 @@ static __always_inline long vxlan_encap(struct __sk_buff *skb, struct fastpath_c
 	__u32 *remote = bpf_map_lookup_elem(&vteps, &key);
 	__u32 len = skb->len - sizeof(struct ethhdr) + VXLAN_OVERHEAD;
 	if (!remote || len > 0xffff)
-		return bpf_redirect(cfg->vxlan_ifindex, 0);
+		goto tunnel;
 	struct bpf_fib_lookup out = {};
 	out.family = AF_INET;
 	out.l4_protocol = IPPROTO_UDP;
@@ -203,7 +230,7 @@ static __always_inline long vxlan_encap(struct __sk_buff *skb, struct fastpath_c
 	out.ipv4_dst = *remote;
 	out.ifindex = cfg->underlay_ifindex;
 	if (bpf_fib_lookup(skb, &out, sizeof(out), BPF_FIB_LOOKUP_OUTPUT) != BPF_FIB_LKUP_RET_SUCCESS)
-		return bpf_redirect(cfg->vxlan_ifindex, 0);
+		goto tunnel;
 
 	struct vxlan_encap h = {};
 	h.ip.version = 4;
@@ -235,14 +262,18 @@ static __always_inline long vxlan_encap(struct __sk_buff *skb, struct fastpath_c
 		      BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH |
 		      BPF_F_ADJ_ROOM_ENCAP_L2(sizeof(struct ethhdr));
 	if (bpf_skb_adjust_room(skb, VXLAN_OVERHEAD, BPF_ADJ_ROOM_MAC, flags))
-		return bpf_redirect(cfg->vxlan_ifindex, 0);
+		goto tunnel;
 	__u8 macs[2 * ETH_ALEN];
 	__builtin_memcpy(macs, out.dmac, ETH_ALEN);
 	__builtin_memcpy(macs + ETH_ALEN, out.smac, ETH_ALEN);
 	if (bpf_skb_store_bytes(skb, sizeof(struct ethhdr), &h, sizeof(h), 0) ||
 	    bpf_skb_store_bytes(skb, 0, macs, sizeof(macs), 0))
 		return TC_ACT_SHOT; // half rewritten: not fit for any path
+	count(STAT_ENCAPSULATED);
 	return bpf_redirect(out.ifindex, 0);
+tunnel:
+	count(STAT_TO_TUNNEL);
+	return bpf_redirect(cfg->vxlan_ifindex, 0);
 }
 
 SEC("classifier")
@@ -264,10 +295,10 @@ int from_pod(struct __sk_buff *skb)
 			__u32 one = 1;
 			bpf_map_update_elem(&nat_guard, &k, &one, BPF_ANY);
 		}
-		return TC_ACT_OK;
+		goto stack;
 	}
 	if ((daddr & cfg->node_mask) == cfg->node_net || f.ip->ttl <= 1)
-		return TC_ACT_OK;
+		goto stack;
 
 	struct bpf_fib_lookup fib = {};
 	fib.family = AF_INET;
@@ -287,6 +318,7 @@ int from_pod(struct __sk_buff *skb)
 		__builtin_memcpy(f.eth->h_source, fib.smac, ETH_ALEN);
 		if (cfg->vxlan_ifindex && fib.ifindex == cfg->vxlan_ifindex)
 			return vxlan_encap(skb, cfg, &fib, tos);
+		count(STAT_ROUTED);
 		return bpf_redirect(fib.ifindex, 0);
 	}
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
@@ -295,8 +327,11 @@ int from_pod(struct __sk_buff *skb)
 			.nh_family = AF_INET, .ipv4_nh = fib.ipv4_dst,
 		};
 		decrease_ttl(f.ip);
+		count(STAT_ROUTED);
 		return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
 	}
+stack:
+	count(STAT_FROM_POD_STACK);
 	return TC_ACT_OK;
 }
 
@@ -305,12 +340,12 @@ static __always_inline struct pod_endpoint *local_pod(struct flow *f)
 {
 	__u32 daddr = f->ip->daddr;
 	struct pod_endpoint *ep = bpf_map_lookup_elem(&pods, &daddr);
-	if (!ep || f->ip->ttl <= 1)
+	if (!ep)
 		return NULL;
 	struct guard_key k = {
 		.addr = daddr, .port = f->dport, .protocol = f->ip->protocol,
 	};
-	if (bpf_map_lookup_elem(&nat_guard, &k))
+	if (f->ip->ttl <= 1 || bpf_map_lookup_elem(&nat_guard, &k))
 		return NULL;
 	return ep;
 }
@@ -353,6 +388,7 @@ static __always_inline long vxlan_decap(struct __sk_buff *skb, struct fastpath_c
 		return -1;
 	if (!headers(skb, 0, &f))
 		return TC_ACT_SHOT; // cannot happen: the inner headers were there
+	count(STAT_DECAPSULATED);
 	return deliver(&f, ep);
 }
 
@@ -370,7 +406,13 @@ int to_pod(struct __sk_buff *skb)
 	if (!parse(skb, 0, &f))
 		return TC_ACT_OK;
 	struct pod_endpoint *ep = local_pod(&f);
-	if (!ep)
+	if (!ep) {
+		// Counted here only: what vxlan_decap leaves comes here via flannel.1.
+		__u32 daddr = f.ip->daddr;
+		if (bpf_map_lookup_elem(&pods, &daddr))
+			count(STAT_TO_POD_STACK);
 		return TC_ACT_OK;
+	}
+	count(STAT_DELIVERED);
 	return deliver(&f, ep);
 }

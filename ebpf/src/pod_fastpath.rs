@@ -10,6 +10,7 @@
 //! DIR/pods              pod address → host veth, pod MAC, gateway MAC
 //! DIR/nat_guard         pod sockets whose flows the stack may NAT
 //! DIR/vteps             peer VTEP MAC → peer underlay address (flannel.1's FDB)
+//! DIR/stats             packet counters per CPU ([`FastPath::counters`])
 //! ```
 //!
 //! `to_pod` is attached to the node's underlay and tunnel devices and holds the
@@ -19,7 +20,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, Map, MapData, MapInfo};
+use aya::maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray};
 use aya::programs::tc::{self, NlOptions, SchedClassifier, TcAttachOptions, TcAttachType};
 use aya::{EbpfLoader, Pod};
 use ipnet::Ipv4Net;
@@ -28,7 +29,19 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/po
 
 const CONFIG: &str = "fastpath_config";
 const VTEPS: &str = "vteps";
-const MAPS: [&str; 4] = [CONFIG, "pods", "nat_guard", VTEPS];
+const STATS: &str = "stats";
+const MAPS: [&str; 5] = [CONFIG, "pods", "nat_guard", VTEPS, STATS];
+
+/// The packet counters of `enum stat`, in its order: (program, action).
+pub const COUNTERS: [(&str, &str); 7] = [
+    ("from_pod", "routed"),
+    ("from_pod", "encapsulated"),
+    ("from_pod", "to_tunnel"),
+    ("from_pod", "to_stack"),
+    ("to_pod", "delivered"),
+    ("to_pod", "decapsulated"),
+    ("to_pod", "to_stack"),
+];
 const FROM_POD: &str = "from_pod";
 const TO_POD: &str = "to_pod";
 
@@ -287,6 +300,23 @@ impl FastPath {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e).context(|| format!("removing {pod_ip} from the pods map")),
         }
+    }
+
+    /// Packets counted since the counters were created, summed over CPUs, in
+    /// the order of [`COUNTERS`].
+    pub fn counters(&self) -> Result<[u64; COUNTERS.len()]> {
+        let pin = self.pin(STATS);
+        let data = MapData::from_pin(&pin).context(|| format!("opening {}", pin.display()))?;
+        let map: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(Map::PerCpuArray(data)).context(|| "the stats map".into())?;
+        let mut sums = [0u64; COUNTERS.len()];
+        for (i, sum) in sums.iter_mut().enumerate() {
+            let per_cpu = map
+                .get(&(i as u32), 0)
+                .context(|| format!("reading counter {i}"))?;
+            *sum = per_cpu.iter().sum();
+        }
+        Ok(sums)
     }
 
     /// The pods map's entry for `pod_ip`, if any.

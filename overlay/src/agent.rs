@@ -2,7 +2,7 @@
 //! annotations, watches all Nodes and reconciles after every change and periodically.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +17,7 @@ use kube::Api;
 
 use crate::node::{self, Backend};
 use crate::reconciler::{OverlayConfig, Reconciler};
+use crate::status::Status;
 
 /// Arguments of `ferry overlay`.
 #[derive(clap::Args, Debug, Clone)]
@@ -78,6 +79,9 @@ pub struct OverlayArgs {
     /// Full reconcile period in seconds (also after every Node change).
     #[arg(long, default_value_t = 10)]
     pub resync_seconds: u64,
+    /// Address of the /metrics and /healthz endpoint ("" turns it off).
+    #[arg(long, default_value = "127.0.0.1:10262")]
+    pub metrics_bind_address: String,
 }
 
 async fn client(args: &OverlayArgs) -> Result<kube::Client> {
@@ -133,6 +137,12 @@ async fn publish(api: &Api<Node>, name: &str, want: &BTreeMap<String, String>) -
 pub async fn run(args: OverlayArgs) -> Result<()> {
     let name = args.node_name.clone().unwrap_or_else(hostname);
     anyhow::ensure!(!name.is_empty(), "no --node-name and no hostname");
+    let metrics_addr: Option<SocketAddr> = match args.metrics_bind_address.as_str() {
+        "" => None,
+        a => Some(a.parse().with_context(|| {
+            format!("--metrics-bind-address {a:?}: want ADDRESS:PORT, or \"\" for none")
+        })?),
+    };
     let client = client(&args).await?;
     let api: Api<Node> = Api::all(client);
     let subnet = lease(&api, &name).await?;
@@ -155,6 +165,15 @@ pub async fn run(args: OverlayArgs) -> Result<()> {
         cfg.vxlan_tx_checksum_offload = on;
     }
     let mut rec = Reconciler::new(cfg).await?;
+    let resync = Duration::from_secs(args.resync_seconds.max(1));
+    let status = Arc::new(Status::new(
+        (3 * resync).max(Duration::from_secs(30)),
+        rec.fastpath().cloned(),
+    ));
+    let _server = match metrics_addr {
+        Some(addr) => Some(ferry_status::spawn_server(addr, status.clone().handler()).await?),
+        None => None,
+    };
     let mut published = publish(&api, &name, &rec.annotations())
         .await
         .map_err(|e| tracing::warn!("{e:#}"))
@@ -177,16 +196,21 @@ pub async fn run(args: OverlayArgs) -> Result<()> {
     });
     store.wait_until_ready().await.context("node watch ended")?;
 
-    let mut tick = tokio::time::interval(Duration::from_secs(args.resync_seconds.max(1)));
+    let mut tick = tokio::time::interval(resync);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         let nodes: Vec<Node> = store.state().iter().map(|n| (**n).clone()).collect();
         match rec.reconcile(&nodes).await {
-            Ok(r) if !r.errors.is_empty() => {
-                tracing::warn!(errors = r.errors.len(), "reconcile partly failed")
+            Ok(r) => {
+                if !r.errors.is_empty() {
+                    tracing::warn!(errors = r.errors.len(), "reconcile partly failed");
+                }
+                status.reconciled(r.peers.len(), r.errors.len());
             }
-            Ok(_) => {}
-            Err(e) => tracing::error!("reconcile: {e:#}"),
+            Err(e) => {
+                tracing::error!("reconcile: {e:#}");
+                status.failed();
+            }
         }
         if let Some(me) = nodes
             .iter()

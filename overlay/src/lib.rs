@@ -11,6 +11,7 @@ pub mod netns;
 pub mod node;
 pub mod podnet;
 pub mod reconciler;
+pub mod status;
 pub mod subnet;
 
 pub use agent::{run, OverlayArgs};

@@ -326,6 +326,11 @@ impl Reconciler {
         (veth && l.controller.is_some()).then_some(l.name)
     }
 
+    /// The pod fast path, when installed.
+    pub fn fastpath(&self) -> Option<&FastPath> {
+        self.fastpath.as_ref()
+    }
+
     pub fn config(&self) -> &OverlayConfig {
         &self.cfg
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use common::*;
 use ferry_overlay::node::{Backend, ANN_BACKEND_DATA, ANN_BACKEND_TYPE, ANN_PUBLIC_IP};
-use ferry_testkit::{require_root, tcp_request, wait_for, Netns};
+use ferry_testkit::{http_get, require_root, tcp_request, wait_for, Netns};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{DeleteParams, PostParams};
 use kube::Api;
@@ -209,6 +209,41 @@ fn overlay_run_against_ferry_controlplane() {
         .run(move || Ok(tcp_request(&dst, Duration::from_secs(3))?))
         .unwrap();
     assert_eq!(got, format!("p2 {ip1}"));
+
+    // /healthz and /metrics: the pod packets took the fast path, VXLAN in eBPF.
+    let (code, health) = c.nodes[0]
+        .ns
+        .run(|| {
+            Ok(http_get(
+                "127.0.0.1:10262",
+                "/healthz",
+                Duration::from_secs(3),
+            )?)
+        })
+        .unwrap();
+    assert_eq!((code, health.as_str()), (200, "ok\n"));
+    let (code, metrics) = c.nodes[0]
+        .ns
+        .run(|| {
+            Ok(http_get(
+                "127.0.0.1:10262",
+                "/metrics",
+                Duration::from_secs(3),
+            )?)
+        })
+        .unwrap();
+    assert_eq!(code, 200);
+    assert!(metrics.contains("ferry_overlay_peers 1\n"), "{metrics}");
+    let encapsulated = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "ferry_overlay_fastpath_packets_total{program=\"from_pod\",action=\"encapsulated\"} ",
+            )
+        })
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no encapsulated counter in {metrics}"));
+    assert!(encapsulated > 0, "{metrics}");
 
     // flannel.1 deleted on node-1: its agent re-creates it at the next resync
     // (with the fast path on it) and publishes the new VtepMAC; node-2 follows.

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 
 use common::*;
-use ferry_ebpf::pod_fastpath::FastPath;
+use ferry_ebpf::pod_fastpath::{FastPath, COUNTERS};
 use ferry_overlay::node::Backend;
 use ferry_overlay::podnet::host_veth_name;
 use ferry_testkit::{require_root, Netns};
@@ -42,6 +42,12 @@ fn bulk(from: &Netns, to: &Netns, ip: std::net::Ipv4Addr) -> usize {
     })
     .unwrap();
     sink.join().unwrap().unwrap()
+}
+
+/// A fast-path packet counter, by (program, action).
+fn packets(fp: &FastPath, counter: (&str, &str)) -> u64 {
+    let i = COUNTERS.iter().position(|c| *c == counter).unwrap();
+    fp.counters().unwrap()[i]
 }
 
 fn filters(ns: &Netns, dev: &str) -> String {
@@ -131,6 +137,14 @@ fn fast_path_carries_pod_traffic_and_keeps_nat_working(backend: Backend) {
     for ((what, b), (_, a)) in before.iter().zip(stack_packets(&c, backend)) {
         assert!(a - b < 10, "{what}: {} packets during the transfer", a - b);
     }
+    // ... and the fast path counted them (≥ 64 GSO packets of ≤ 64 KiB).
+    let fp2 = FastPath::new(c.nodes[1].config().fastpath_dir());
+    let (sent, received) = match backend {
+        Backend::Vxlan => (("from_pod", "encapsulated"), ("to_pod", "decapsulated")),
+        Backend::HostGw => (("from_pod", "routed"), ("to_pod", "delivered")),
+    };
+    assert!(packets(&fp, sent) >= 64, "node-1 {sent:?}");
+    assert!(packets(&fp2, received) >= 64, "node-2 {received:?}");
 
     // A ClusterIP DNATed on node-1 to the pod on node-2: the reply must go
     // through node-1's stack to be de-NATed (the client sees the service address).
@@ -156,6 +170,10 @@ fn fast_path_carries_pod_traffic_and_keeps_nat_working(backend: Backend) {
             format!("p2 {}", p1.ip)
         );
     }
+    assert!(
+        packets(&fp, ("to_pod", "to_stack")) > 0,
+        "replies to de-NAT"
+    );
 
     // A restart of `ferry overlay` keeps the fast path and its pods.
     c.nodes[0].restart_agent().unwrap();

@@ -1,16 +1,11 @@
 //! /healthz and /livez (kube-proxy's semantics) and the healthCheckNodePort servers.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use ferry_status::{spawn_server, Handler};
 use tokio::task::JoinHandle;
 
 use crate::model::HealthCheck;
@@ -118,42 +113,6 @@ impl HealthState {
     }
 }
 
-/// A request handler: path → (status, content type, body).
-pub type Handler = Arc<dyn Fn(&str) -> (u16, &'static str, String) + Send + Sync>;
-
-/// Serves HTTP/1 on an already-bound listener until the task is aborted.
-pub async fn serve(listener: TcpListener, handler: Handler) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let h = handler.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (status, ctype, body) = h(req.uri().path());
-                let resp = Response::builder()
-                    .status(status)
-                    .header("content-type", ctype)
-                    .header("x-content-type-options", "nosniff")
-                    .body(Full::new(Bytes::from(body)))
-                    .unwrap();
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
-}
-
-/// Binds `addr` and serves `handler` in a task.
-pub async fn spawn_server(addr: SocketAddr, handler: Handler) -> anyhow::Result<JoinHandle<()>> {
-    let l = TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
-    Ok(tokio::spawn(serve(l, handler)))
-}
-
 /// The /healthz + /livez handler.
 pub fn healthz_handler(state: Arc<HealthState>) -> Handler {
     Arc::new(move |path| match path {
@@ -165,7 +124,7 @@ pub fn healthz_handler(state: Arc<HealthState>) -> Handler {
             let (s, b) = state.healthz(true);
             (s, "application/json", b)
         }
-        _ => (404, "text/plain", "404 page not found\n".into()),
+        _ => ferry_status::not_found(),
     })
 }
 
@@ -281,6 +240,8 @@ mod tests {
 
     #[tokio::test]
     async fn servers_answer_over_http() {
+        use ferry_status::serve;
+        use tokio::net::TcpListener;
         let s = Arc::new(HealthState::new(Duration::from_secs(60)));
         s.updated();
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -279,15 +279,16 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let health = Arc::new(health::HealthState::new(cfg.sync_period * 2));
     let mut servers = Vec::new();
     if let Some(addr) = cfg.healthz_bind_address {
-        servers.push(health::spawn_server(addr, health::healthz_handler(health.clone())).await?);
+        servers
+            .push(ferry_status::spawn_server(addr, health::healthz_handler(health.clone())).await?);
     }
     if let Some(addr) = cfg.metrics_bind_address {
         let m = metrics.clone();
-        let handler: health::Handler = Arc::new(move |path| match path {
-            "/metrics" => (200, "text/plain; version=0.0.4", m.render()),
-            _ => (404, "text/plain", "404 page not found\n".into()),
+        let handler: ferry_status::Handler = Arc::new(move |path| match path {
+            "/metrics" => (200, ferry_status::PROMETHEUS_TEXT, m.render()),
+            _ => ferry_status::not_found(),
         });
-        servers.push(health::spawn_server(addr, handler).await?);
+        servers.push(ferry_status::spawn_server(addr, handler).await?);
     }
 
     let signals = Arc::new(watch::WatchSignals::default());
