@@ -79,9 +79,12 @@ pub struct OverlayArgs {
     /// Full reconcile period in seconds (also after every Node change).
     #[arg(long, default_value_t = 10)]
     pub resync_seconds: u64,
-    /// Address of the /metrics and /healthz endpoint ("" turns it off).
+    /// Address of the /metrics endpoint (also /healthz; "" turns it off).
     #[arg(long, default_value = "127.0.0.1:10262")]
     pub metrics_bind_address: String,
+    /// Address of the /healthz endpoint, for probes ("" turns it off).
+    #[arg(long, default_value = "0.0.0.0:10263")]
+    pub healthz_bind_address: String,
 }
 
 async fn client(args: &OverlayArgs) -> Result<kube::Client> {
@@ -132,17 +135,24 @@ async fn publish(api: &Api<Node>, name: &str, want: &BTreeMap<String, String>) -
     Ok(())
 }
 
+/// An ADDRESS:PORT flag; "" is none.
+fn bind_address(flag: &str, value: &str) -> Result<Option<SocketAddr>> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    let addr = value
+        .parse()
+        .with_context(|| format!("{flag} {value:?}: want ADDRESS:PORT, or \"\" for none"))?;
+    Ok(Some(addr))
+}
+
 /// Runs `ferry overlay` until SIGINT / SIGTERM. State in the kernel is left in
 /// place on exit so that a restart does not interrupt traffic.
 pub async fn run(args: OverlayArgs) -> Result<()> {
     let name = args.node_name.clone().unwrap_or_else(hostname);
     anyhow::ensure!(!name.is_empty(), "no --node-name and no hostname");
-    let metrics_addr: Option<SocketAddr> = match args.metrics_bind_address.as_str() {
-        "" => None,
-        a => Some(a.parse().with_context(|| {
-            format!("--metrics-bind-address {a:?}: want ADDRESS:PORT, or \"\" for none")
-        })?),
-    };
+    let metrics_addr = bind_address("--metrics-bind-address", &args.metrics_bind_address)?;
+    let healthz_addr = bind_address("--healthz-bind-address", &args.healthz_bind_address)?;
     let client = client(&args).await?;
     let api: Api<Node> = Api::all(client);
     let subnet = lease(&api, &name).await?;
@@ -170,10 +180,13 @@ pub async fn run(args: OverlayArgs) -> Result<()> {
         (3 * resync).max(Duration::from_secs(30)),
         rec.fastpath().cloned(),
     ));
-    let _server = match metrics_addr {
-        Some(addr) => Some(ferry_status::spawn_server(addr, status.clone().handler()).await?),
-        None => None,
-    };
+    let mut servers = Vec::new();
+    if let Some(addr) = metrics_addr {
+        servers.push(ferry_status::spawn_server(addr, status.clone().metrics_handler()).await?);
+    }
+    if let Some(addr) = healthz_addr {
+        servers.push(ferry_status::spawn_server(addr, status.clone().healthz_handler()).await?);
+    }
     let mut published = publish(&api, &name, &rec.annotations())
         .await
         .map_err(|e| tracing::warn!("{e:#}"))

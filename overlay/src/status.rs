@@ -82,15 +82,26 @@ impl Status {
         render(&s, counters.as_ref().map(|c| &c[..]))
     }
 
-    pub fn handler(self: Arc<Status>) -> ferry_status::Handler {
+    /// /metrics, and /healthz beside it (as kube-proxy's metrics port).
+    pub fn metrics_handler(self: Arc<Status>) -> ferry_status::Handler {
         Arc::new(move |path| match path {
             "/metrics" => (200, ferry_status::PROMETHEUS_TEXT, self.metrics()),
-            "/healthz" => {
-                let (code, body) = self.healthz();
-                (code, "text/plain", body)
-            }
+            "/healthz" => self.healthz_response(),
             _ => ferry_status::not_found(),
         })
+    }
+
+    /// /healthz alone, for probes.
+    pub fn healthz_handler(self: Arc<Status>) -> ferry_status::Handler {
+        Arc::new(move |path| match path {
+            "/healthz" => self.healthz_response(),
+            _ => ferry_status::not_found(),
+        })
+    }
+
+    fn healthz_response(&self) -> (u16, &'static str, String) {
+        let (code, body) = self.healthz();
+        (code, "text/plain", body)
     }
 }
 

@@ -210,12 +210,13 @@ fn overlay_run_against_ferry_controlplane() {
         .unwrap();
     assert_eq!(got, format!("p2 {ip1}"));
 
-    // /healthz and /metrics: the pod packets took the fast path, VXLAN in eBPF.
+    // /healthz (on the node's address, as a probe asks) and /metrics: the pod
+    // packets took the fast path, VXLAN in eBPF.
     let (code, health) = c.nodes[0]
         .ns
         .run(|| {
             Ok(http_get(
-                "127.0.0.1:10262",
+                "198.18.0.1:10263",
                 "/healthz",
                 Duration::from_secs(3),
             )?)
