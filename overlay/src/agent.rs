@@ -2,7 +2,7 @@
 //! annotations, watches all Nodes and reconciles after every change and periodically.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -135,24 +135,15 @@ async fn publish(api: &Api<Node>, name: &str, want: &BTreeMap<String, String>) -
     Ok(())
 }
 
-/// An ADDRESS:PORT flag; "" is none.
-fn bind_address(flag: &str, value: &str) -> Result<Option<SocketAddr>> {
-    if value.is_empty() {
-        return Ok(None);
-    }
-    let addr = value
-        .parse()
-        .with_context(|| format!("{flag} {value:?}: want ADDRESS:PORT, or \"\" for none"))?;
-    Ok(Some(addr))
-}
-
 /// Runs `ferry overlay` until SIGINT / SIGTERM. State in the kernel is left in
 /// place on exit so that a restart does not interrupt traffic.
 pub async fn run(args: OverlayArgs) -> Result<()> {
     let name = args.node_name.clone().unwrap_or_else(hostname);
     anyhow::ensure!(!name.is_empty(), "no --node-name and no hostname");
-    let metrics_addr = bind_address("--metrics-bind-address", &args.metrics_bind_address)?;
-    let healthz_addr = bind_address("--healthz-bind-address", &args.healthz_bind_address)?;
+    let metrics_addr =
+        ferry_status::bind_address("--metrics-bind-address", &args.metrics_bind_address)?;
+    let healthz_addr =
+        ferry_status::bind_address("--healthz-bind-address", &args.healthz_bind_address)?;
     let client = client(&args).await?;
     let api: Api<Node> = Api::all(client);
     let subnet = lease(&api, &name).await?;

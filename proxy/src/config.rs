@@ -162,16 +162,6 @@ pub fn parse_node_port_addresses(field: &str, items: &[String]) -> Result<NodePo
     Ok(NodePortAddressesConfig::Cidrs(cidrs))
 }
 
-fn parse_addr(field: &str, s: &str) -> Result<Option<SocketAddr>> {
-    if s.trim().is_empty() {
-        return Ok(None);
-    }
-    s.trim()
-        .parse()
-        .map(Some)
-        .map_err(|e| anyhow!("{field}: invalid address {s:?} (want IP:port): {e}"))
-}
-
 fn as_str(field: &str, v: &Value) -> Result<String> {
     match v {
         Value::String(s) => Ok(s.clone()),
@@ -258,8 +248,12 @@ pub fn parse_file(text: &str, mut cfg: ProxyConfig) -> Result<(ProxyConfig, Vec<
                 };
                 cfg.node_port_addresses = parse_node_port_addresses(key, &items)?;
             }
-            "healthzBindAddress" => cfg.healthz_bind_address = parse_addr(key, &as_str(key, v)?)?,
-            "metricsBindAddress" => cfg.metrics_bind_address = parse_addr(key, &as_str(key, v)?)?,
+            "healthzBindAddress" => {
+                cfg.healthz_bind_address = ferry_status::bind_address(key, &as_str(key, v)?)?
+            }
+            "metricsBindAddress" => {
+                cfg.metrics_bind_address = ferry_status::bind_address(key, &as_str(key, v)?)?
+            }
             "hostnameOverride" => {
                 let s = as_str(key, v)?;
                 cfg.hostname_override = if s.trim().is_empty() {

@@ -16,7 +16,6 @@ pub mod nft_netlink;
 pub mod nftables;
 pub mod watch;
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -93,10 +92,10 @@ pub fn load_config(args: &ProxyArgs) -> anyhow::Result<(ProxyConfig, Vec<String>
         cfg.cluster_cidrs = config::parse_cidrs("--cluster-cidr", c)?;
     }
     if let Some(a) = &args.healthz_bind_address {
-        cfg.healthz_bind_address = parse_opt_addr("--healthz-bind-address", a)?;
+        cfg.healthz_bind_address = ferry_status::bind_address("--healthz-bind-address", a)?;
     }
     if let Some(a) = &args.metrics_bind_address {
-        cfg.metrics_bind_address = parse_opt_addr("--metrics-bind-address", a)?;
+        cfg.metrics_bind_address = ferry_status::bind_address("--metrics-bind-address", a)?;
     }
     if args.masquerade_all {
         cfg.masquerade_all = true;
@@ -116,15 +115,6 @@ pub fn load_config(args: &ProxyArgs) -> anyhow::Result<(ProxyConfig, Vec<String>
             .ok_or_else(|| anyhow::anyhow!("--sync-period: invalid duration {d:?}"))?;
     }
     Ok((cfg, warnings))
-}
-
-fn parse_opt_addr(field: &str, s: &str) -> anyhow::Result<Option<SocketAddr>> {
-    if s.trim().is_empty() {
-        return Ok(None);
-    }
-    Ok(Some(s.trim().parse().map_err(|e| {
-        anyhow::anyhow!("{field}: invalid address {s:?}: {e}")
-    })?))
 }
 
 fn hostname() -> String {

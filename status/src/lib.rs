@@ -24,6 +24,18 @@ pub fn not_found() -> (u16, &'static str, String) {
     (404, "text/plain", "404 page not found\n".into())
 }
 
+/// A listen address from a flag or config field named `field`: IP:port, or
+/// empty for none (the endpoint is off).
+pub fn bind_address(field: &str, value: &str) -> anyhow::Result<Option<SocketAddr>> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Ok(None);
+    }
+    v.parse().map(Some).map_err(|e| {
+        anyhow::anyhow!("{field}: invalid address {value:?} (want IP:port, or empty for none): {e}")
+    })
+}
+
 /// Serves HTTP/1 on an already-bound listener until the task is aborted.
 pub async fn serve(listener: TcpListener, handler: Handler) {
     loop {
@@ -55,4 +67,18 @@ pub async fn spawn_server(addr: SocketAddr, handler: Handler) -> anyhow::Result<
         .await
         .map_err(|e| anyhow::anyhow!("binding {addr}: {e}"))?;
     Ok(tokio::spawn(serve(l, handler)))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bind_addresses() {
+        let a = super::bind_address("--x", " 127.0.0.1:10262 ").unwrap();
+        assert_eq!(a, Some("127.0.0.1:10262".parse().unwrap()));
+        assert_eq!(super::bind_address("--x", "").unwrap(), None);
+        let e = super::bind_address("--x", "nowhere")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--x: invalid address \"nowhere\""), "{e}");
+    }
 }
